@@ -1,0 +1,26 @@
+# Every target sets up its own environment: a fresh machine needs only Python 3.11 and pip.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test lint bench clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check jem stages tests
+
+test: install lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/jem-bench --family sadajem --family jempp --family jem
+
+clean-venv:
+	rm -rf $(VENV)
