@@ -1,0 +1,282 @@
+"""The variant description: every knob of JEM, JEM++, SADA-JEM and their baselines as data.
+
+A variant is built from a plain dict (a block of ``params.yaml``). Unknown keys and wrong
+types are rejected with one line naming the key, the value and what is allowed, so a typo
+in the params file never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A variant description that cannot be built. The message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 28  # WRN depth, (depth - 4) % 6 == 0
+    width: int = 10  # widening factor k
+    dropout: float = 0.0
+    norm: str = "batch"  # batch | none
+    # PyTorch convention: running = (1 - m) * running + m * batch. The JEM++/SADA-JEM
+    # reference code builds BatchNorm2d(momentum=0.9): 90 % weight on the newest batch.
+    bn_momentum: float = 0.1
+    leak: float = 0.2  # LeakyReLU slope
+    num_classes: int = 10
+    in_channels: int = 3
+    image_size: int = 32
+
+    def validate(self, where: str) -> None:
+        _check((self.depth - 4) % 6 == 0 and self.depth >= 10, where, "depth", self.depth,
+               "a WRN depth with (depth - 4) % 6 == 0 and depth >= 10, e.g. 10, 16, 28")
+        _check(self.width >= 1, where, "width", self.width, "an integer >= 1")
+        _check(0.0 <= self.dropout < 1.0, where, "dropout", self.dropout, "a value in [0, 1)")
+        _check(self.norm in ("batch", "none"), where, "norm", self.norm, "'batch' or 'none'")
+        _check(0.0 <= self.bn_momentum <= 1.0, where, "bn_momentum", self.bn_momentum,
+               "a value in [0, 1] (PyTorch convention)")
+        _check(self.num_classes >= 2, where, "num_classes", self.num_classes, "an integer >= 2")
+        _check(self.image_size >= 8 and self.image_size % 4 == 0, where, "image_size",
+               self.image_size, "a multiple of 4, at least 8")
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = "sgld"  # sgld | pyld
+    steps: int = 20  # K for SGLD, M (outer steps) for PYLD
+    inner_steps: int = 5  # N, PYLD only
+    step_size: float = 1.0  # alpha: SGLD step / PYLD outer step (0 = inner steps only)
+    inner_step_size: float = 0.2  # PYLD inner step (pyld_lr)
+    noise: float = 0.01  # sigma of the Gaussian noise added after each (outer) step
+    grad_clamp: float | None = None  # eps of the proximal step; None = no clamp
+    image_clamp: bool = False  # clamp x to [-1, 1] after each step
+    # Batch norm while sampling: "eval" (running stats, JEM), "train" (batch stats and
+    # running-stat updates, the JEM++/SADA-JEM reference), "train_frozen" (batch stats,
+    # running stats left alone).
+    bn_mode: str = "eval"
+
+    def validate(self, where: str) -> None:
+        _check(self.kind in ("sgld", "pyld"), where, "kind", self.kind, "'sgld' or 'pyld'")
+        _check(self.steps >= 1, where, "steps", self.steps, "an integer >= 1")
+        _check(self.inner_steps >= 1, where, "inner_steps", self.inner_steps, "an integer >= 1")
+        _check(self.step_size >= 0, where, "step_size", self.step_size, "a value >= 0")
+        _check(self.inner_step_size >= 0, where, "inner_step_size", self.inner_step_size,
+               "a value >= 0")
+        _check(self.noise >= 0, where, "noise", self.noise, "a value >= 0")
+        _check(self.grad_clamp is None or self.grad_clamp > 0, where, "grad_clamp",
+               self.grad_clamp, "a value > 0, or null for no clamp")
+        _check(self.bn_mode in ("eval", "train", "train_frozen"), where, "bn_mode", self.bn_mode,
+               "'eval', 'train' or 'train_frozen'")
+        if self.kind == "sgld":
+            _check(self.step_size > 0, where, "step_size", self.step_size,
+                   "a value > 0 for the sgld sampler")
+        else:
+            _check(self.step_size > 0 or self.inner_step_size > 0, where, "inner_step_size",
+                   self.inner_step_size, "a value > 0 when step_size is 0 (PYLD would not move)")
+
+
+@dataclass
+class BufferConfig:
+    size: int = 10000
+    reinit_freq: float = 0.05
+    init: str = "uniform"  # uniform | gmm (informative initialisation, JEM++)
+    gmm_jitter: float = 1e-4  # added to the diagonal of each class covariance
+
+    def validate(self, where: str) -> None:
+        _check(self.size >= 1, where, "size", self.size, "an integer >= 1")
+        _check(0.0 <= self.reinit_freq <= 1.0, where, "reinit_freq", self.reinit_freq,
+               "a fraction in [0, 1]")
+        _check(self.init in ("uniform", "gmm"), where, "init", self.init, "'uniform' or 'gmm'")
+        _check(self.gmm_jitter >= 0, where, "gmm_jitter", self.gmm_jitter, "a value >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    sam: str = "none"  # none | sam | asam
+    rho: float = 0.05
+    schedule: str = "step"  # step | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])  # epochs, step
+    gamma: float = 0.2  # step decay factor
+    warmup_iters: int = 1000  # linear warm-up over the first iterations (0 = none)
+
+    def validate(self, where: str) -> None:
+        _check(self.name in ("sgd", "adam"), where, "name", self.name, "'sgd' or 'adam'")
+        _check(self.lr > 0, where, "lr", self.lr, "a value > 0")
+        _check(0 <= self.momentum < 1, where, "momentum", self.momentum, "a value in [0, 1)")
+        _check(self.weight_decay >= 0, where, "weight_decay", self.weight_decay, "a value >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), where, "betas",
+               self.betas, "two values in [0, 1)")
+        _check(self.sam in ("none", "sam", "asam"), where, "sam", self.sam,
+               "'none', 'sam' or 'asam'")
+        _check(self.rho >= 0, where, "rho", self.rho, "a value >= 0")
+        _check(self.schedule in ("step", "cosine", "constant"), where, "schedule", self.schedule,
+               "'step', 'cosine' or 'constant'")
+        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+               where, "milestones", self.milestones, "increasing positive epoch numbers")
+        _check(0 < self.gamma <= 1, where, "gamma", self.gamma, "a factor in (0, 1]")
+        _check(self.warmup_iters >= 0, where, "warmup_iters", self.warmup_iters, "an integer >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 4  # pad-and-random-crop; 0 = no crop
+    pad_mode: str = "reflect"  # reflect | constant (zeros)
+    hflip: bool = True
+
+    def validate(self, where: str) -> None:
+        _check(self.crop_padding >= 0, where, "crop_padding", self.crop_padding, "an integer >= 0")
+        _check(self.pad_mode in ("reflect", "constant"), where, "pad_mode", self.pad_mode,
+               "'reflect' or 'constant'")
+
+
+@dataclass
+class ObjectiveConfig:
+    generative: bool = True  # False: softmax classifier only (no sampler, no buffer)
+    clf_weight: float = 1.0
+    px_weight: float = 1.0
+    energy_l2: float = 0.0  # IGEBM energy L2: l2 * (E(x+)^2 + E(x-)^2)
+    px_augment: bool = True  # JEM/JEM++: True; SADA-JEM: False (p(x) batch un-augmented)
+    input_noise: float = 0.03  # Gaussian noise added to training inputs (both batches)
+
+    def validate(self, where: str) -> None:
+        _check(self.clf_weight >= 0, where, "clf_weight", self.clf_weight, "a value >= 0")
+        _check(self.px_weight >= 0, where, "px_weight", self.px_weight, "a value >= 0")
+        _check(self.energy_l2 >= 0, where, "energy_l2", self.energy_l2, "a value >= 0")
+        _check(self.input_noise >= 0, where, "input_noise", self.input_noise, "a value >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 64  # labelled (classification) batch
+    px_batch_size: int = 64  # p(x) batch (x+) and sampler batch (x-)
+    seed: int = 1
+    log_every: int = 50  # iterations between metric read-outs (host syncs)
+    checkpoint_every: int = 1000  # iterations between checkpoints
+
+    def validate(self, where: str) -> None:
+        for key in ("epochs", "batch_size", "px_batch_size", "log_every", "checkpoint_every"):
+            value = getattr(self, key)
+            _check(value >= 1, where, key, value, "an integer >= 1")
+
+
+@dataclass
+class Variant:
+    """Everything that defines one training run."""
+
+    name: str = "variant"
+    family: str = "jem"  # descriptive: jem | jempp | sadajem | softmax | ...
+    dataset: str = "cifar10"  # resolved by the pipeline; the library does not read it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "variant") -> Variant:
+        variant = _build(cls, d, where)
+        variant.validate(where)
+        return variant
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, where: str = "variant") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f"{where}.{f.name}")
+        if self.optim.sam != "none":
+            _check(self.optim.rho > 0, f"{where}.optim", "rho", self.optim.rho,
+                   "a value > 0 when sam is enabled")
+        if self.objective.generative and self.buffer.init == "gmm" and self.buffer.size < self.model.num_classes:
+            raise ConfigError(f"{where}.buffer.size = {self.buffer.size}: must hold at least one "
+                              f"sample per class ({self.model.num_classes}) for gmm init")
+
+    @property
+    def uses_sampler(self) -> bool:
+        return self.objective.generative
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``base`` with ``override`` merged in (dicts recursively, rest replaced)."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check(ok: bool, where: str, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}.{key} = {value!r}: expected {allowed}")
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} = {d!r}: expected a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(names)}"
+            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    return value

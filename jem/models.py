@@ -1,0 +1,121 @@
+"""Pre-activation Wide-ResNet used by JEM, JEM++ and SADA-JEM.
+
+``f(x)`` are the class logits; the energy is ``E(x) = -logsumexp_y f(x)[y]`` and the
+classifier is ``softmax(f(x))``. The first convolution is exposed separately (``stem``)
+because PYLD needs the output of the first layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jem.config import ModelConfig
+
+
+def _norm(channels: int, cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "batch":
+        return nn.BatchNorm2d(channels, momentum=cfg.bn_momentum)
+    return nn.Identity()
+
+
+class WideBlock(nn.Module):
+    """norm -> LeakyReLU -> conv3x3 -> dropout -> norm -> LeakyReLU -> conv3x3 (+ shortcut)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.bn1 = _norm(in_planes, cfg)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=True)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.bn2 = _norm(planes, cfg)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=True)
+        self.act = nn.LeakyReLU(cfg.leak)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.conv1(self.act(self.bn1(x))))
+        out = self.conv2(self.act(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width with a linear classification head over the pooled features."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate("model")
+        self.cfg = cfg
+        n = (cfg.depth - 4) // 6
+        widths = [16, 16 * cfg.width, 32 * cfg.width, 64 * cfg.width]
+        self.stem = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1, bias=True)
+        blocks: list[nn.Module] = []
+        in_planes = widths[0]
+        for group, stride in enumerate((1, 2, 2)):
+            for i in range(n):
+                blocks.append(WideBlock(in_planes, widths[group + 1], stride if i == 0 else 1, cfg))
+                in_planes = widths[group + 1]
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = _norm(in_planes, cfg)
+        self.act = nn.LeakyReLU(cfg.leak)
+        self.feature_dim = in_planes
+        self.head = nn.Linear(in_planes, cfg.num_classes)
+
+    def features_from_stem(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn(self.blocks(h)))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def logits_from_stem(self, h: torch.Tensor) -> torch.Tensor:
+        """The network without its first layer (``g`` in the JEM++ paper)."""
+        return self.head(self.features_from_stem(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from_stem(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_stem(self.stem(x))
+
+
+def energy_from_logits(logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """E(x) = -logsumexp_y f(x)[y]; with labels, the class-conditional E(x, y) = -f(x)[y]."""
+    if y is None:
+        return -torch.logsumexp(logits, dim=1)
+    return -logits.gather(1, y.view(-1, 1)).squeeze(1)
+
+
+def energy(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    return energy_from_logits(model(x), y)
+
+
+def build_model(cfg: ModelConfig) -> WideResNet:
+    return WideResNet(cfg)
+
+
+def count_flops(model: WideResNet, image_size: int | None = None) -> int:
+    """Multiply-accumulates x 2 of one forward pass of one image (convs and linear layers)."""
+    size = image_size or model.cfg.image_size
+    flops = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal flops
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            flops += 2 * k * output[0].numel()
+        elif isinstance(module, nn.Linear):
+            flops += 2 * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, model.cfg.in_channels, size, size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return flops
