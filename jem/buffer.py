@@ -1,0 +1,73 @@
+"""Replay buffer of persistent chains, kept on the training device.
+
+Each draw takes a batch of stored samples and replaces each one, independently with
+probability ``reinit_freq``, by a fresh draw from p0 (uniform or the Gaussian mixture);
+the sampler then runs from there and the results are written back to the same slots.
+
+The buffer is laid out in ``num_classes`` equal segments. Filling it from the mixture puts
+class c's draws in segment c, so a class-conditional draw reads segment c and
+re-initialises from component c.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from jem.gmm import InitDistribution
+
+
+class ReplayBuffer:
+    def __init__(self, size: int, p0: InitDistribution, reinit_freq: float,
+                 device: torch.device | str = "cpu") -> None:
+        if size < p0.num_classes:
+            raise ValueError(f"buffer size {size} is smaller than the number of classes {p0.num_classes}")
+        self.size = size
+        self.p0 = p0
+        self.reinit_freq = reinit_freq
+        self.device = torch.device(device)
+        self.num_classes = p0.num_classes
+        self.segment = size // p0.num_classes
+        # Fill class by class: slot i holds a draw from component i // segment (slots past
+        # num_classes * segment, if any, from the whole mixture).
+        seg_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.segment)
+        samples, labels = p0.sample(seg_labels.numel(), y=seg_labels, device=self.device)
+        rest = size - seg_labels.numel()
+        if rest:
+            extra, extra_labels = p0.sample(rest, device=self.device)
+            samples, labels = torch.cat([samples, extra]), torch.cat([labels, extra_labels])
+        self.samples = samples.contiguous()
+        self.labels = labels.long()
+
+    def draw(self, n: int, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` chain starts and their slot indices (class-conditional when ``y`` is given)."""
+        if y is None:
+            idx = torch.randint(0, self.size, (n,), device=self.device)
+        else:
+            y = y.to(self.device).long()
+            idx = y * self.segment + torch.randint(0, self.segment, (n,), device=self.device)
+        x = self.samples[idx]
+        if self.reinit_freq > 0:
+            mask = torch.rand(n, device=self.device) < self.reinit_freq
+            rows = mask.nonzero().flatten()
+            if rows.numel():
+                fresh, comp = self.p0.sample(rows.numel(), y=None if y is None else y[rows],
+                                             device=self.device)
+                x[rows] = fresh
+                self.labels[idx[rows]] = comp  # the slot now holds a chain from component comp
+        return x, idx
+
+    def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
+        """Write sampler results back to the slots they were drawn from."""
+        self.samples[idx] = x.detach().to(self.samples.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "labels": self.labels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["samples"].shape) != tuple(self.samples.shape):
+            raise ValueError(f"buffer shape {tuple(state['samples'].shape)} does not match "
+                             f"the configured {tuple(self.samples.shape)}")
+        self.samples = state["samples"].to(self.device).contiguous()
+        self.labels = state["labels"].to(self.device)
