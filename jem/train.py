@@ -1,0 +1,251 @@
+"""One training step and the loop around it, driven by a ``Variant``.
+
+Per iteration (Algorithm 1 of SADA-JEM / Algorithm 2 of JEM++, mini-batched):
+
+1. a labelled batch (augmented) and, for the generative families, a p(x) batch
+   (augmented for JEM/JEM++, not for SADA-JEM: ``objective.px_augment``);
+2. chain starts from the replay buffer, ``reinit_freq`` of them re-drawn from p0;
+   the sampler runs once and its detached output x- goes back to the buffer;
+3. the loss of ``jem.objectives.jem_loss`` and its gradient;
+4. with SAM/ASAM, a second loss and gradient at the perturbed weights (same x-, batch
+   norm running statistics frozen), then the base optimizer steps;
+5. the per-iteration learning-rate schedule (linear warm-up, then step or cosine).
+
+Statistics stay on the device and are read out every ``train.log_every`` iterations.
+``state_dict`` holds the whole training state (model, optimizer, scheduler, buffer, step,
+every RNG state, the variant), so a run restored from it continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from jem.buffer import ReplayBuffer
+from jem.checkpoint import atomic_torch_save, capture_rng, restore_rng, seed_everything
+from jem.config import OptimConfig, Variant
+from jem.data import BatchStream
+from jem.gmm import GaussianMixture, MixtureStats, UniformInit
+from jem.models import WideResNet, build_model
+from jem.objectives import jem_loss
+from jem.sam import SAM
+from jem.samplers import frozen_bn_stats, sample
+
+CHECKPOINT_FORMAT = 1
+# Keys that may change between a checkpoint and its resume without changing the run.
+_RESUME_FREE_KEYS = {("train", "log_every"), ("train", "checkpoint_every")}
+
+
+class DivergenceError(RuntimeError):
+    """The loss became non-finite."""
+
+
+class LRFactor:
+    """Multiplier of the base learning rate at iteration ``it`` (picklable for checkpoints)."""
+
+    def __init__(self, cfg: OptimConfig, iters_per_epoch: int, total_iters: int) -> None:
+        self.schedule = cfg.schedule
+        self.milestones = list(cfg.milestones)
+        self.gamma = cfg.gamma
+        self.warmup = cfg.warmup_iters
+        self.per_epoch = iters_per_epoch
+        self.total = max(total_iters, 1)
+
+    def __call__(self, it: int) -> float:
+        factor = min(1.0, (it + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.schedule == "step":
+            epoch = it // self.per_epoch
+            factor *= self.gamma ** sum(epoch >= m for m in self.milestones)
+        elif self.schedule == "cosine":
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(it, self.total) / self.total))
+        return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, SAM | None]:
+    params = list(model.parameters())
+    base: torch.optim.Optimizer
+    if cfg.name == "sgd":
+        base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    else:
+        base = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    sam = SAM(base, rho=cfg.rho, adaptive=cfg.sam == "asam") if cfg.sam != "none" else None
+    return base, sam
+
+
+def build_p0(variant: Variant, shape: tuple[int, ...], mixture: MixtureStats | None,
+             device: torch.device | str) -> UniformInit | GaussianMixture:
+    if variant.buffer.init == "uniform":
+        return UniformInit(shape, variant.model.num_classes)
+    if mixture is None:
+        raise ValueError(f"variant {variant.name!r} uses buffer.init = gmm but no mixture statistics "
+                         "were given; run the gmm stage (or pass mixture=...)")
+    if mixture.num_classes != variant.model.num_classes or tuple(mixture.shape) != tuple(shape):
+        raise ValueError(f"mixture statistics are for {mixture.num_classes} classes of shape "
+                         f"{tuple(mixture.shape)}, the variant trains {variant.model.num_classes} classes "
+                         f"of shape {tuple(shape)}; recompute them for this dataset")
+    return GaussianMixture(mixture, jitter=variant.buffer.gmm_jitter, device=device)
+
+
+class Trainer:
+    def __init__(self, variant: Variant, images: torch.Tensor, labels: torch.Tensor,
+                 mixture: MixtureStats | None = None, device: torch.device | str = "cpu",
+                 data_device: torch.device | str | None = None) -> None:
+        variant.validate(variant.name)
+        self.variant = variant
+        self.device = torch.device(device)
+        shape = tuple(images.shape[1:])
+        m = variant.model
+        if shape != (m.in_channels, m.image_size, m.image_size):
+            raise ValueError(f"images have shape {shape}, the model expects "
+                             f"{(m.in_channels, m.image_size, m.image_size)}")
+        seed_everything(variant.train.seed)
+        self.model: WideResNet = build_model(variant.model).to(self.device)
+        self.optimizer, self.sam = build_optimizer(self.model, variant.optim)
+        t, obj = variant.train, variant.objective
+        data_device = self.device if data_device is None else data_device
+        self.clf_stream = BatchStream(images, labels, t.batch_size, t.seed, 0, variant.augment,
+                                      obj.input_noise, data_device)
+        self.iters_per_epoch = self.clf_stream.per_epoch
+        self.total_steps = t.epochs * self.iters_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LRFactor(variant.optim, self.iters_per_epoch, self.total_steps))
+        self.px_stream: BatchStream | None = None
+        self.buffer: ReplayBuffer | None = None
+        if variant.uses_sampler:
+            self.px_stream = BatchStream(images, labels, t.px_batch_size, t.seed, 1,
+                                         variant.augment if obj.px_augment else None,
+                                         obj.input_noise, data_device)
+            p0 = build_p0(variant, shape, mixture, self.device)
+            self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, self.device)
+        self.step = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.iters_per_epoch
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One iteration; returns detached statistics on the device."""
+        v, it = self.variant, self.step
+        x_lab, y = (self._to_device(t) for t in self.clf_stream.batch(it))
+        x_pos = x_neg = None
+        if self.buffer is not None and self.px_stream is not None:
+            x_pos = self._to_device(self.px_stream.batch(it)[0])
+            x0, idx = self.buffer.draw(v.train.px_batch_size)
+            x_neg = sample(self.model, x0, v.sampler)
+            self.buffer.update(idx, x_neg)
+        self.model.train()
+        loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.sam is not None:
+            self.sam.first_step()
+            self.sam.zero_grad()
+            with frozen_bn_stats(self.model):
+                loss_adv, _ = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
+            loss_adv.backward()
+            self.sam.second_step()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats["lr"] = torch.tensor(self.lr)
+        self.scheduler.step()
+        self.step += 1
+        return stats
+
+    def fit(self, until: int | None = None,
+            on_log: Callable[[int, dict[str, float]], None] | None = None,
+            on_checkpoint: Callable[[Trainer], None] | None = None,
+            progress: bool = True) -> dict[str, float]:
+        """Train until step ``until`` (default: the variant's epochs); returns the last averages."""
+        until = self.total_steps if until is None else until
+        t = self.variant.train
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        last: dict[str, float] = {}
+        bar = tqdm(total=until, initial=self.step, disable=not progress, desc=self.variant.name,
+                   unit="it", dynamic_ncols=True)
+        while self.step < until:
+            stats = self.train_step()
+            for k, val in stats.items():
+                sums[k] = sums[k] + val if k in sums else val.clone()
+            count += 1
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == until:
+                keys = list(sums)
+                values = torch.stack([sums[k].float().cpu() for k in keys]).div(count).tolist()
+                last = dict(zip(keys, values, strict=True))
+                last["lr"] = sums["lr"].item() / count
+                sums, count = {}, 0
+                if not math.isfinite(last["loss"]):
+                    bar.close()
+                    raise DivergenceError(f"{self.variant.name}: non-finite loss at step {self.step} "
+                                          f"(epoch {self.epoch}); last statistics {last}")
+                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "acc_train") if k in last})
+                if on_log is not None:
+                    on_log(self.step, last)
+            if on_checkpoint is not None and (self.step % t.checkpoint_every == 0 or self.step == until):
+                on_checkpoint(self)
+        bar.close()
+        return last
+
+    # ---- whole training state -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "variant": self.variant.to_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+            "rng": capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        diff = _variant_diff(state["variant"], self.variant.to_dict())
+        if diff:
+            raise ValueError(f"checkpoint was written for a different variant ({'; '.join(diff[:3])}); "
+                             "restore the params or delete the checkpoint to start over")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        self.step = int(state["step"])
+        restore_rng(state["rng"])
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def _variant_diff(a: dict[str, Any], b: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(a) | set(b)):
+        path = (*prefix, key)
+        if path in _RESUME_FREE_KEYS:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _variant_diff(va, vb, path)
+        elif va != vb:
+            out.append(f"{'.'.join(path)}: {va!r} -> {vb!r}")
+    return out
