@@ -1,8 +1,11 @@
 """Replay buffer of persistent chains, kept on the training device.
 
-Each draw takes a batch of stored samples and replaces each one, independently with
-probability ``reinit_freq``, by a fresh draw from p0 (uniform or the Gaussian mixture);
-the sampler then runs from there and the results are written back to the same slots.
+Each draw takes a batch of stored samples (slots drawn with replacement, as in the
+reference code) and replaces each one, independently with probability ``reinit_freq``, by
+a fresh draw from p0 (uniform or the Gaussian mixture); the sampler then runs from there
+and the results are written back to the same slots. When a slot was drawn more than once,
+the last of its copies is written back, deterministically (a plain indexed assignment
+with repeated indices lets the threads decide, which breaks exact resume).
 
 The buffer is laid out in ``num_classes`` equal segments. Filling it from the mixture puts
 class c's draws in segment c, so a class-conditional draw reads segment c and
@@ -11,11 +14,17 @@ re-initialises from component c.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from jem.gmm import InitDistribution
+
+
+class Draw(NamedTuple):
+    x: torch.Tensor  # chain starts
+    idx: torch.Tensor  # the slots they came from
+    labels: torch.Tensor  # class each chain started from (mixture component or segment; -1: none)
 
 
 class ReplayBuffer:
@@ -40,14 +49,15 @@ class ReplayBuffer:
         self.samples = samples.contiguous()
         self.labels = labels.long()
 
-    def draw(self, n: int, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` chain starts and their slot indices (class-conditional when ``y`` is given)."""
+    def draw(self, n: int, y: torch.Tensor | None = None) -> Draw:
+        """``n`` chain starts, their slots and p0 components (class-conditional when ``y`` is given)."""
         if y is None:
             idx = torch.randint(0, self.size, (n,), device=self.device)
         else:
             y = y.to(self.device).long()
             idx = y * self.segment + torch.randint(0, self.segment, (n,), device=self.device)
         x = self.samples[idx]
+        labels = self.labels[idx]
         if self.reinit_freq > 0:
             mask = torch.rand(n, device=self.device) < self.reinit_freq
             rows = mask.nonzero().flatten()
@@ -55,12 +65,18 @@ class ReplayBuffer:
                 fresh, comp = self.p0.sample(rows.numel(), y=None if y is None else y[rows],
                                              device=self.device)
                 x[rows] = fresh
-                self.labels[idx[rows]] = comp  # the slot now holds a chain from component comp
-        return x, idx
+                labels[rows] = comp.to(labels.dtype)
+        return Draw(x, idx, labels)
 
-    def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
-        """Write sampler results back to the slots they were drawn from."""
-        self.samples[idx] = x.detach().to(self.samples.dtype)
+    def update(self, idx: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Write sampler results (and their p0 components) back to the slots they were drawn from."""
+        slots, inverse = torch.unique(idx, return_inverse=True)
+        position = torch.arange(len(idx), device=idx.device)
+        last = torch.full((len(slots),), -1, dtype=torch.long, device=idx.device)
+        last = last.scatter_reduce(0, inverse, position, reduce="amax")  # order-free, so deterministic
+        self.samples[slots] = x.detach()[last].to(self.samples.dtype)
+        if labels is not None:
+            self.labels[slots] = labels[last].to(self.labels.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "labels": self.labels}

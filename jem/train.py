@@ -143,9 +143,9 @@ class Trainer:
         x_pos = x_neg = None
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
-            x0, idx = self.buffer.draw(v.train.px_batch_size)
+            x0, idx, starts = self.buffer.draw(v.train.px_batch_size)
             x_neg = sample(self.model, x0, v.sampler)
-            self.buffer.update(idx, x_neg)
+            self.buffer.update(idx, x_neg, starts)
         self.model.train()
         loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
         self.optimizer.zero_grad(set_to_none=True)
@@ -202,7 +202,8 @@ class Trainer:
         return last
 
     # ---- whole training state -------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole training state; ``extra`` carries the caller's own resumable state."""
         return {
             "format": CHECKPOINT_FORMAT,
             "variant": self.variant.to_dict(),
@@ -213,9 +214,11 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "rng": capture_rng(),
+            "extra": extra or {},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Restore the training state; returns the ``extra`` dict saved with it."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
         diff = _variant_diff(state["variant"], self.variant.to_dict())
@@ -229,12 +232,13 @@ class Trainer:
             self.buffer.load_state_dict(state["buffer"])
         self.step = int(state["step"])
         restore_rng(state["rng"])
+        return state.get("extra") or {}
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        atomic_torch_save(self.state_dict(), path)
+    def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        atomic_torch_save(self.state_dict(extra), path)
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        return self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def _variant_diff(a: dict[str, Any], b: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:

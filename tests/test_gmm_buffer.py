@@ -101,7 +101,7 @@ def test_buffer_reinitialises_the_configured_fraction():
     assert buf.samples.min() >= -1 and buf.samples.max() <= 1
     buf.samples.fill_(5.0)  # a value p0 never produces
     n = 40_000
-    x, idx = buf.draw(n)
+    x, idx, _ = buf.draw(n)
     fresh = (x != 5.0).all(dim=(1, 2, 3)).float().mean().item()
     assert abs(fresh - 0.05) < 4 * math.sqrt(0.05 * 0.95 / n)
     assert ((x == 5.0).all(dim=(1, 2, 3)) | (x.abs() <= 1).all(dim=(1, 2, 3))).all()
@@ -112,13 +112,13 @@ def test_buffer_reinitialises_the_configured_fraction():
 def test_buffer_reinit_extremes(freq):
     buf = ReplayBuffer(50, UniformInit((1, 2, 2), 5), reinit_freq=freq)
     buf.samples.fill_(5.0)
-    x, _ = buf.draw(500)
+    x, _, _ = buf.draw(500)
     assert ((x == 5.0).all() if freq == 0 else (x.abs() <= 1).all())
 
 
 def test_buffer_update_writes_back_to_the_drawn_slots():
     buf = ReplayBuffer(20, UniformInit((1, 2, 2), 2), reinit_freq=0.0)
-    x, idx = buf.draw(6)
+    x, idx, _ = buf.draw(6)
     buf.update(idx, torch.full_like(x, 0.25))
     assert (buf.samples[idx] == 0.25).all()
     others = torch.ones(20, dtype=torch.bool)
@@ -134,8 +134,20 @@ def test_class_conditional_draws_come_from_the_right_class():
     assert (buf.labels[:50] == 0).all() and (buf.labels[50:] == 1).all()  # filled class by class
     for _ in range(5):  # draws, re-initialisations and write-backs keep the classes apart
         y = torch.randint(0, 2, (64,))
-        x, idx = buf.draw(64, y=y)
+        x, idx, starts = buf.draw(64, y=y)
         side = x.reshape(64, -1).mean(1) > 0
         assert torch.equal(side, y == 1)
+        assert torch.equal(starts, y)
+        buf.update(idx, x, starts)
         assert torch.equal(buf.labels[idx], y)
-        buf.update(idx, x)
+
+
+def test_update_with_repeated_slots_keeps_the_last_copy():
+    """Slots are drawn with replacement; a repeated slot gets its last copy, whatever the threads do."""
+    buf = ReplayBuffer(8, UniformInit((1, 1, 1), 2), reinit_freq=0.0)
+    idx = torch.tensor([3, 5, 3, 0, 5, 3])
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1)
+    labels = torch.tensor([0, 1, 1, 0, 0, 1])
+    buf.update(idx, x, labels)
+    assert buf.samples[[3, 5, 0]].flatten().tolist() == [5.0, 4.0, 3.0]
+    assert buf.labels[[3, 5, 0]].tolist() == [1, 0, 0]
