@@ -7,10 +7,14 @@ because PYLD needs the output of the first layer.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jem.checkpoint import atomic_torch_save
 from jem.config import ModelConfig
 
 
@@ -119,3 +123,20 @@ def count_flops(model: WideResNet, image_size: int | None = None) -> int:
             h.remove()
         model.train(was_training)
     return flops
+
+
+def save_model(path: str | os.PathLike[str], model: WideResNet, variant: dict[str, Any],
+               **payload: Any) -> None:
+    """Write trained weights with the variant that made them (and anything else, e.g. a buffer)."""
+    atomic_torch_save({"variant": variant, "model": model.state_dict(), **payload}, path)
+
+
+def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[WideResNet, dict[str, Any]]:
+    """The model (eval mode, on ``device``) and the whole saved payload (``variant`` included)."""
+    from jem.config import Variant
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    variant = Variant.from_dict(payload["variant"], where=f"{path}:variant")
+    model = build_model(variant.model)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), payload

@@ -1,15 +1,17 @@
-"""Resolve a named variant from the params file: defaults <- method block <- scale override.
+"""Resolve a named variant from the params file: defaults <- family <- method block <- scale.
 
 The params file (``params.yaml``) holds:
 
-* ``scale``: which scale runs (``demo`` or ``paper``);
+* ``scale``: which scale runs (``demo``, ``paper``, or ``tiny`` for the test suite);
 * ``variants``: the method names that run;
 * ``defaults``: settings shared by every method;
-* ``methods``: one block per variant, holding only what differs from ``defaults``;
-* ``scales.<scale>``: ``datasets`` (maps a method's dataset to the one used at this scale)
-  and ``override`` (settings applied to every variant at this scale, e.g. a small model
-  and short schedule for the demo);
-* ``datasets.<name>.num_classes`` and ``image_size``.
+* ``families``: the settings of each method family (jem, jempp, sadajem, softmax);
+* ``methods``: one block per variant: its ``family`` and what differs from it;
+* ``scales.<scale>.variant``: settings applied to every variant at that scale (e.g. a small
+  model and a short schedule for the demo);
+* ``datasets.<role>.<scale>``: how each dataset role (cifar10, cifar100, svhn, celeba) is
+  made at each scale: the real dataset at the paper scale, an embedded procedural set at
+  the demo scale. A method names the role it trains on (``dataset``).
 
 This module only reads dicts; loading the YAML file is the caller's business.
 """
@@ -22,46 +24,65 @@ from typing import Any
 from jem.config import ConfigError, Variant, deep_merge
 
 
-def _lookup(mapping: dict[str, Any], key: str, where: str) -> Any:
+def lookup(mapping: Any, key: str, where: str) -> Any:
+    """``mapping[key]`` or a one-line error naming the closest defined key."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
     if key not in mapping:
-        close = difflib.get_close_matches(key, list(mapping), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f"; defined: {', '.join(sorted(mapping))}"
+        close = difflib.get_close_matches(str(key), [str(k) for k in mapping], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; defined: {', '.join(sorted(map(str, mapping)))}"
         raise ConfigError(f"{where}: '{key}' is not defined{hint}")
     return mapping[key]
 
 
-def scale_of(params: dict[str, Any], scale: str | None = None) -> dict[str, Any]:
+def scale_name(params: dict[str, Any], scale: str | None = None) -> str:
     name = scale or params.get("scale")
-    if not isinstance(name, str):
-        raise ConfigError(f"scale = {name!r}: expected one of {', '.join(params.get('scales', {}))}")
-    return _lookup(params.get("scales", {}), name, "scale")
+    lookup(params.get("scales", {}), str(name), "scale")
+    return str(name)
 
 
-def dataset_for(params: dict[str, Any], method_dataset: str, scale: str | None = None) -> str:
-    """The dataset a method trains on at this scale (the demo maps every dataset to its own)."""
-    mapping = scale_of(params, scale).get("datasets", {})
-    return mapping.get(method_dataset, method_dataset)
+def dataset_spec(params: dict[str, Any], role: str, scale: str | None = None) -> dict[str, Any]:
+    scale = scale_name(params, scale)
+    spec = lookup(lookup(params.get("datasets", {}), role, "datasets"), scale, f"datasets.{role}")
+    if not isinstance(spec, dict) or "source" not in spec:
+        raise ConfigError(f"datasets.{role}.{scale}: expected a mapping with a 'source' key")
+    return spec
 
 
-def variant_dict(params: dict[str, Any], name: str, scale: str | None = None) -> dict[str, Any]:
-    method = _lookup(params.get("methods", {}), name, "variant")
+def variant_dataset(params: dict[str, Any], name: str, scale: str | None = None) -> str:
+    """The dataset role a variant trains on."""
+    return str(variant_dict(params, name, scale, num_classes=0)["dataset"])
+
+
+def variant_dict(params: dict[str, Any], name: str, scale: str | None = None,
+                 num_classes: int | None = None) -> dict[str, Any]:
+    """The merged variant block. ``num_classes`` defaults to the dataset spec's."""
+    scale = scale_name(params, scale)
+    method = lookup(params.get("methods", {}), name, "variant")
     if not isinstance(method, dict):
         raise ConfigError(f"methods.{name} = {method!r}: expected a mapping")
-    merged = deep_merge(params.get("defaults", {}), method)
-    merged = deep_merge(merged, scale_of(params, scale).get("override", {}))
+    family = method.get("family")
+    if family is None:
+        raise ConfigError(f"methods.{name}: missing 'family' (one of {', '.join(params.get('families', {}))})")
+    base = lookup(params.get("families", {}), family, f"methods.{name}.family")
+    merged = deep_merge(deep_merge(params.get("defaults", {}), base), method)
+    merged = deep_merge(merged, (params["scales"][scale] or {}).get("variant") or {})
     merged["name"] = name
-    dataset = dataset_for(params, merged.get("dataset", "cifar10"), scale)
-    merged["dataset"] = dataset
-    spec = _lookup(params.get("datasets", {}), dataset, f"methods.{name}.dataset")
+    role = merged.setdefault("dataset", "cifar10")
+    if num_classes is None:  # 0: the caller does not need it
+        spec = dataset_spec(params, role, scale)
+        if "num_classes" not in spec:
+            raise ConfigError(f"datasets.{role}.{scale}: a training dataset needs num_classes")
+        num_classes = int(spec["num_classes"])
     model = dict(merged.get("model", {}))
-    model["num_classes"] = spec["num_classes"]
-    model["image_size"] = spec.get("image_size", 32)
+    model["num_classes"] = num_classes
     merged["model"] = model
     return merged
 
 
-def resolve_variant(params: dict[str, Any], name: str, scale: str | None = None) -> Variant:
-    return Variant.from_dict(variant_dict(params, name, scale), where=f"methods.{name}")
+def resolve_variant(params: dict[str, Any], name: str, scale: str | None = None,
+                    num_classes: int | None = None) -> Variant:
+    return Variant.from_dict(variant_dict(params, name, scale, num_classes), where=f"methods.{name}")
 
 
 def selected_variants(params: dict[str, Any]) -> list[str]:
@@ -69,7 +90,13 @@ def selected_variants(params: dict[str, Any]) -> list[str]:
     if not isinstance(names, list) or not names:
         raise ConfigError(f"variants = {names!r}: expected a non-empty list of method names")
     for n in names:
-        _lookup(params.get("methods", {}), n, "variants")
+        lookup(params.get("methods", {}), n, "variants")
     if len(set(names)) != len(names):
         raise ConfigError(f"variants lists a name twice: {names}")
     return names
+
+
+def stage_section(params: dict[str, Any], stage: str, scale: str | None = None) -> dict[str, Any]:
+    """A stage's section (``sample``, ``evaluate``...) with the scale's overrides merged in."""
+    scale = scale_name(params, scale)
+    return deep_merge(params.get(stage) or {}, (params["scales"][scale] or {}).get(stage) or {})

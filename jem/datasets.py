@@ -1,0 +1,231 @@
+"""Real image datasets as compact uint8 arrays, plus the splits the pipeline stores on disk.
+
+``load_torchvision`` reads CIFAR-10, CIFAR-100, SVHN and CelebA from their standard
+torchvision layout under a root folder, through ``torchvision.datasets`` so that its md5
+checks apply, and returns uint8 images (N, 3, S, S) and int64 labels (N,). A dataset that
+is missing (or corrupted, or cannot be downloaded) raises ``DatasetUnavailable`` with one
+line saying what was expected where and how to get it.
+
+``interpolate_pairs`` builds the "CIFAR-10 Interp" OOD set, ``train_val_split`` a
+stratified validation split, and ``save_split`` / ``load_split`` store one split as an
+uncompressed ``.npz`` file, written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset is not under the configured root and cannot be downloaded. Message is ONE line."""
+
+
+TORCHVISION_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "celeba")
+SPLITS = ("train", "test")
+
+_CELEBA_FILES = ("list_eval_partition.txt", "identity_CelebA.txt", "list_attr_celeba.txt",
+                 "list_bbox_celeba.txt", "list_landmarks_align_celeba.txt")
+
+
+def _describe(name: str, root: str, split: str) -> tuple[str, str, str]:
+    """(title, files expected under root, where to get them) for the error message."""
+    if name == "cifar10":
+        return ("CIFAR-10", f"{os.path.join(root, 'cifar-10-batches-py')}/ (data_batch_1..5, test_batch, batches.meta)",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it into the root)")
+    if name == "cifar100":
+        return ("CIFAR-100", f"{os.path.join(root, 'cifar-100-python')}/ (train, test, meta)",
+                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it into the root)")
+    if name == "svhn":
+        return ("SVHN", os.path.join(root, f"{split}_32x32.mat"),
+                f"http://ufldl.stanford.edu/housenumbers/{split}_32x32.mat")
+    return ("CelebA", f"{os.path.join(root, 'celeba')}/ (img_align_celeba/*.jpg, {', '.join(_CELEBA_FILES)})",
+            "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Align&Cropped images and annotation files)")
+
+
+def _unavailable(name: str, root: str, split: str, download_error: BaseException | None) -> DatasetUnavailable:
+    title, expected, source = _describe(name, root, split)
+    msg = f"{title} ({split}) is missing or corrupted under {root}: expected {expected}; "
+    if download_error is not None:
+        reason = " ".join(str(download_error).split()) or "no details"
+        msg += f"download failed ({type(download_error).__name__}: {reason}); "
+    msg += (f"get it from {source}, then set data.root in params.yaml to the folder that holds it, "
+            "or set data.download: true")
+    return DatasetUnavailable(msg)
+
+
+def _open(name: str, root: str, split: str, download: bool, factory: Callable[[bool], Any]) -> Any:
+    """Build the torchvision dataset, turning 'not found / corrupted / download failed' into one error."""
+    if download:
+        try:
+            return factory(True)
+        except Exception as exc:  # network, md5 mismatch, missing gdown, bad archive...
+            raise _unavailable(name, root, split, exc) from exc
+    try:
+        return factory(False)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise _unavailable(name, root, split, None) from exc
+
+
+def _resize(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
+    """Antialiased bilinear resize of uint8 (N, C, H, W) to (N, C, size, size), rounded back to uint8."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[start:start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def _center_square(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def _load_celeba(ds: Any, image_size: int) -> np.ndarray:
+    folder = Path(ds.root) / ds.base_folder / "img_align_celeba"
+    out = np.empty((len(ds.filename), 3, image_size, image_size), dtype=np.uint8)
+    for k, fname in enumerate(ds.filename):
+        with Image.open(folder / fname) as img:
+            square = np.asarray(_center_square(img.convert("RGB")))  # (S, S, 3)
+        out[k] = _resize(square.transpose(2, 0, 1)[None], image_size)[0]
+    return out
+
+
+def load_torchvision(name: str, root: str | os.PathLike[str], split: str, download: bool = False,
+                     image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 (N, 3, image_size, image_size) and labels as int64 (N,).
+
+    ``name`` is one of ``TORCHVISION_DATASETS``, ``split`` is "train" or "test". Files are
+    read from the standard torchvision layout under ``root`` (downloaded there first when
+    ``download`` is true and they are missing); torchvision's integrity checks apply.
+    CelebA is centre-cropped to a square and gets labels of zeros (it is only an OOD set);
+    the others are resized only when their native size differs from ``image_size``.
+    Raises ``DatasetUnavailable`` (one line) when the files are missing or corrupted, or
+    the download fails.
+    """
+    if name not in TORCHVISION_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(TORCHVISION_DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    from torchvision import datasets as tvd  # imported here: it costs seconds at start-up
+
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        ds = _open(name, root, split, download, lambda dl: cls(root, train=split == "train", download=dl))
+        images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
+        labels = np.asarray(ds.targets, dtype=np.int64)
+    elif name == "svhn":
+        ds = _open(name, root, split, download, lambda dl: tvd.SVHN(root, split=split, download=dl))
+        images = np.ascontiguousarray(ds.data)  # already NCHW
+        labels = np.asarray(ds.labels, dtype=np.int64).reshape(-1)  # torchvision maps digit 0 ('10') to 0
+    else:
+        ds = _open(name, root, split, download,
+                   lambda dl: tvd.CelebA(root, split=split, target_type=[], download=dl))
+        return _load_celeba(ds, image_size), np.zeros(len(ds.filename), dtype=np.int64)
+    return _resize(images, image_size), labels
+
+
+def interpolate_pairs(images: np.ndarray, n: int | None = None, seed: int = 0) -> np.ndarray:
+    """The "CIFAR-10 Interp" OOD set: averages of ``n`` random pairs of different images (i != j).
+
+    ``n`` defaults to ``len(images)``. Averages are rounded half to even (unbiased) back to
+    uint8. Deterministic in ``seed``.
+    """
+    if images.dtype != np.uint8:
+        raise ValueError(f"interpolate_pairs needs uint8 images, got {images.dtype}")
+    count = len(images)
+    if count < 2:
+        raise ValueError(f"interpolate_pairs needs at least 2 images, got {count}")
+    n = count if n is None else n
+    if n < 0:
+        raise ValueError(f"number of pairs must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, count, size=n)
+    second = rng.integers(0, count - 1, size=n)
+    second += second >= first  # uniform over the other count - 1 images
+    out = np.empty((n, *images.shape[1:]), dtype=np.uint8)
+    chunk = 4096
+    for start in range(0, n, chunk):
+        s = images[first[start:start + chunk]].astype(np.uint16) + images[second[start:start + chunk]]
+        half = s >> 1
+        out[start:start + chunk] = half + (s & half & 1)  # .5 rounds up only when half is odd
+    return out
+
+
+def train_val_split(labels: np.ndarray, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint index arrays (train_idx, val_idx) covering ``range(len(labels))``.
+
+    The validation set is stratified: class c gets ``val_size * n_c / N`` rounded by largest
+    remainder, so the counts sum to exactly ``val_size``. Deterministic in ``seed``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    total = len(labels)
+    if not 0 <= val_size < total:
+        raise ValueError(f"val_size must be in [0, {total}) for {total} labelled images, got {val_size}")
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota, remainder = np.divmod(val_size * counts, total)
+    short = val_size - int(quota.sum())
+    quota[np.argsort(-remainder, kind="stable")[:short]] += 1  # largest remainders, ties by class order
+    rng = np.random.default_rng(seed)
+    val_parts = [rng.permutation(np.flatnonzero(inverse == c))[:k] for c, k in enumerate(quota)]
+    val_idx = np.sort(np.concatenate([np.empty(0, dtype=np.int64), *val_parts]).astype(np.int64))
+    in_val = np.zeros(total, dtype=bool)
+    in_val[val_idx] = True
+    return np.flatnonzero(~in_val).astype(np.int64), val_idx
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{where}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if labels.dtype != np.int64 or labels.ndim != 1:
+        raise ValueError(f"{where}: labels must be int64 (N,), got {labels.dtype} {tuple(labels.shape)}")
+    if len(images) != len(labels):
+        raise ValueError(f"{where}: {len(images)} images but {len(labels)} labels")
+
+
+def save_split(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray) -> None:
+    """Write one uncompressed ``.npz`` with arrays 'images' and 'labels' to exactly ``path``, atomically."""
+    path = Path(path)
+    _check_split(images, labels, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:  # a file object, so numpy appends no ".npz" to the name
+            np.savez(fh, images=images, labels=labels)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_split(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (images, labels) written by ``save_split``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: it is produced by the prepare stage (run dvc repro prepare)")
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path}: not a saved split, missing arrays {sorted(missing)}")
+        images, labels = archive["images"], archive["labels"]
+    _check_split(images, labels, str(path))
+    return images, labels

@@ -1,0 +1,73 @@
+"""Classification metrics: batched logits, accuracy, expected calibration error.
+
+ECE follows the papers (Guo et al.): confidences ``max_y p(y|x)`` are grouped in M equal-width
+bins over [0, 1] (M = 20 in JEM++ and SADA-JEM) and
+``ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jem.data import to_unit_range
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits of ``images`` (uint8 or [-1, 1] floats) in eval mode, on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = to_unit_range(images[i:i + batch_size].to(device))
+            out.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+@dataclass
+class Calibration:
+    ece: float
+    bin_edges: list[float]
+    bin_accuracy: list[float | None]  # None for an empty bin
+    bin_confidence: list[float | None]
+    bin_count: list[int]
+
+
+def calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 20) -> Calibration:
+    """ECE and the reliability-diagram data of softmax confidences."""
+    probs = torch.softmax(logits.double(), dim=1)
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bin m holds confidences in (edge_m, edge_m+1]; a confidence of exactly 0 cannot occur
+    index = torch.clamp(torch.bucketize(conf, edges[1:-1], right=False), 0, n_bins - 1)
+    n = len(conf)
+    ece = 0.0
+    accs: list[float | None] = []
+    confs: list[float | None] = []
+    counts: list[int] = []
+    for m in range(n_bins):
+        mask = index == m
+        k = int(mask.sum())
+        counts.append(k)
+        if k == 0:
+            accs.append(None)
+            confs.append(None)
+            continue
+        acc_m, conf_m = correct[mask].mean().item(), conf[mask].mean().item()
+        accs.append(acc_m)
+        confs.append(conf_m)
+        ece += k / n * abs(acc_m - conf_m)
+    return Calibration(ece=ece, bin_edges=edges.tolist(), bin_accuracy=accs, bin_confidence=confs,
+                       bin_count=counts)
