@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench clean-venv
+.PHONY: install demo test lint bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The pipeline on its embedded default (scale: demo), offline, on CPU.
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
 lint: install
 	$(BIN)/ruff check jem stages tests
 
@@ -20,7 +24,7 @@ test: install lint
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/jem-bench --family sadajem --family jempp --family jem
+	$(BIN)/jem-bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,3 +34,39 @@ def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=g)
     labels = torch.arange(48) % 4
     return images, labels
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# What `dvc repro` writes in a checkout; a copy for a test starts without any of it.
+PIPELINE_OUTPUTS = ("data/", "gmm/", "models/", "samples/", "metrics/", "plots/", "checkpoints/", "dvc.lock")
+
+
+def copy_repo(dest: Path) -> None:
+    """The files a fresh clone would have (tracked, plus new files git does not ignore)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for rel in files:
+        if rel.startswith(PIPELINE_OUTPUTS) or (rel.startswith("reports/") and rel.count("/") > 1):
+            continue
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for stage subprocesses: this interpreter's bin first on PATH, no DVC_ROOT."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_ROOT", None)
+    return env
+
+
+def run_ok(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
