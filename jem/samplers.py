@@ -23,6 +23,7 @@ statistics and running-stat updates, as the JEM++/SADA-JEM reference code does) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -122,3 +123,9 @@ def sample(model: nn.Module, x0: torch.Tensor, cfg: SamplerConfig,
         for _ in range(cfg.steps if steps is None else steps):
             x = step(model, x, cfg, y)  # type: ignore[arg-type]
     return x
+
+
+def without_bn_updates(cfg: SamplerConfig) -> SamplerConfig:
+    """The same sampler, but batch-norm running statistics are never updated (for evaluation:
+    ``train`` becomes ``train_frozen``, which still normalises with batch statistics)."""
+    return dataclasses.replace(cfg, bn_mode="train_frozen") if cfg.bn_mode == "train" else cfg

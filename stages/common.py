@@ -176,3 +176,47 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any]) -> Iter
             client.set_terminated(run.info.run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+# ---- shared by the stages that read a trained variant ------------------------------------------
+def load_selected(model_dir: Path, section: str, select: str, device: torch.device) -> tuple[Any, Any, str]:
+    """The weights a stage asked for (``<section>.select``: ``last`` or ``best_val``), in eval mode.
+
+    Returns (model, variant, select).
+    """
+    from jem.config import Variant
+    from jem.models import load_model
+
+    if select not in ("last", "best_val"):
+        raise StageError(f"{section}.select = {select!r}: expected 'last' or 'best_val'")
+    weights = model_dir / ("final.pt" if select == "last" else "best_val.pt")
+    if not weights.exists():
+        hint = "; best_val needs a validation split (datasets.<role>.<scale>.val > 0)" if select == "best_val" else ""
+        raise StageError(f"{weights} not found ({section}.select = {select}){hint}; run dvc repro train")
+    model, payload = load_model(weights, device)
+    return model, Variant.from_dict(payload["variant"], where=f"{weights}:variant"), select
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace the folder ``out`` by the finished folder ``tmp`` (nothing partial is ever left at ``out``)."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into; swapped in for ``out`` only on success."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        swap_in(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

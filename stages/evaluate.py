@@ -3,8 +3,15 @@
     python -m stages.evaluate --model models/demo/sadajem_k5 --data data/demo \
         --metrics metrics/demo/eval/sadajem_k5.json --plots plots/demo/eval/sadajem_k5
 
-Accuracy (test set, eval mode, no input noise) and expected calibration error with its
-reliability diagram (``reliability.csv``/``.png``).
+* accuracy (test set, eval mode, no input noise);
+* expected calibration error over ``evaluate.ece_bins`` equal bins, reliability diagram;
+* OOD detection: AUROC of ``log p(x)``, ``max p(y|x)`` and ``-||d log p(x)/dx||`` between the
+  test set and every set in ``evaluate.ood_sets`` (dataset roles; ``interp`` is the
+  averaged-pairs set of the training data), with score histograms;
+* energy landscape: ``sum_x E(x)`` over ``evaluate.landscape.fraction`` of the training
+  images along a filter-normalised random direction (``landscape.csv``/``.png``).
+
+Plots (CSV + PNG) go to ``--plots``; scalar metrics to ``--metrics``.
 """
 
 from __future__ import annotations
@@ -15,15 +22,38 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from jem.config import Variant
 from jem.datasets import load_split
+from jem.landscape import energy_curve, filter_normalized_direction
 from jem.metrics import accuracy, calibration, predict_logits
-from jem.models import load_model
+from jem.ood import SCORES, auroc, ood_scores
 from jem.params import stage_section
-from stages.common import StageError, load_params, main_guard, mlflow_run, setup_run, write_json
-from stages.figures import plot_reliability
+from stages.common import (
+    StageError,
+    building,
+    load_params,
+    load_selected,
+    main_guard,
+    mlflow_run,
+    setup_run,
+    write_json,
+)
+from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
+
+
+def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int) -> tuple[np.ndarray, str]:
+    """Images of one OOD set and where they came from; ``interp`` is the training role's."""
+    path = data / train_role / "interp.npz" if role == "interp" else data / role / "test.npz"
+    if not path.exists():
+        what = f"datasets.{train_role}.<scale>.interp" if role == "interp" else f"the prepare@{role} stage"
+        raise StageError(f"OOD set {role!r}: {path} not found; it is made by {what}, or remove {role!r} "
+                         "from evaluate.ood_sets")
+    images, _ = load_split(path)
+    if limit is not None and limit < len(images):
+        images = images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
+    return images, str(path)
 
 
 def main() -> None:
@@ -37,40 +67,75 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     cfg = stage_section(params, "evaluate")
-    select = cfg.get("select", "last")
-    if select not in ("last", "best_val"):
-        raise StageError(f"evaluate.select = {select!r}: expected 'last' or 'best_val'")
-    weights = args.model / ("final.pt" if select == "last" else "best_val.pt")
-    if not weights.exists():
-        raise StageError(f"{weights} not found (evaluate.select = {select}); best_val needs a validation split")
-    model, payload = load_model(weights, device)
-    variant = Variant.from_dict(payload["variant"])
+    model, variant, select = load_selected(args.model, "evaluate", str(cfg.get("select", "last")), device)
     role = variant.dataset
     meta = json.loads((args.data / role / "meta.json").read_text())
     x_test, y_test = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))
+    batch = int(cfg.get("batch_size", 500))
+    limit = cfg.get("ood_max")
+    limit = None if limit is None else int(limit)
+    seed = int(cfg.get("seed", 0))
+    ood_roles = [r for r in cfg.get("ood_sets", []) if r != role]
 
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
         run.log_params({"evaluate": cfg})
-        logits = predict_logits(model, x_test, batch_size=int(cfg.get("batch_size", 500)), device=device)
+        logits = predict_logits(model, x_test, batch_size=batch, device=device)
         cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
-        metrics = {
+        metrics: dict = {
             "variant": variant.name, "family": variant.family, "dataset": role, "source": meta["source"],
             "weights": select, "test_images": len(y_test),
             "accuracy": accuracy(logits, y_test), "ece": cal.ece,
         }
-        args.plots.mkdir(parents=True, exist_ok=True)
-        with open(args.plots / "reliability.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["bin_low", "bin_high", "confidence", "accuracy", "count"])
-            for i, count in enumerate(cal.bin_count):
-                writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
-                                 cal.bin_accuracy[i], count])
-        plot_reliability(asdict(cal), args.plots / "reliability.png", title=f"{variant.name} ({role})")
-        write_json(args.metrics, metrics)
-        run.log_metrics({"test/accuracy": metrics["accuracy"], "test/ece": metrics["ece"]})
+
+        # ---- OOD detection ------------------------------------------------------------------
+        ood_test = x_test if limit is None or limit >= len(x_test) else x_test[
+            np.sort(np.random.default_rng(seed).choice(len(x_test), limit, replace=False))]
+        scores = {"test": ood_scores(model, ood_test, batch, device, progress=True, desc="ood test")}
+        sources = {"test": str(args.data / role / "test.npz")}
+        for ood in ood_roles:
+            images, sources[ood] = ood_set(args.data, ood, role, limit, seed)
+            scores[ood] = ood_scores(model, torch.from_numpy(images), batch, device, progress=True, desc=f"ood {ood}")
+        metrics["ood"] = {s: {ood: auroc(scores["test"][s], scores[ood][s]) for ood in ood_roles} for s in SCORES}
+        metrics["ood_images"] = {k: len(v["log_px"]) for k, v in scores.items()}
+
+        # ---- energy landscape ---------------------------------------------------------------
+        land = cfg.get("landscape") or {}
+        x_train, _ = load_split(args.data / role / "train.npz")
+        n_land = max(1, round(float(land.get("fraction", 0.1)) * len(x_train)))
+        rng = np.random.default_rng(int(land.get("seed", 0)))
+        land_images = torch.from_numpy(x_train[np.sort(rng.choice(len(x_train), n_land, replace=False))])
+        alphas = np.linspace(-float(land.get("span", 1.0)), float(land.get("span", 1.0)), int(land.get("points", 21)))
+        direction = filter_normalized_direction(model, torch.Generator().manual_seed(int(land.get("seed", 0))))
+        curve = energy_curve(model, land_images, alphas, direction, batch, device)
+        centre = int(np.argmin(np.abs(alphas)))
+        metrics["landscape"] = {"images": n_land, "energy_sum_at_theta": float(curve[centre]),
+                                "energy_sum_range": float(curve.max() - curve.min())}
+
+        with building(args.plots) as tmp:
+            with open(tmp / "reliability.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["bin_low", "bin_high", "confidence", "accuracy", "count"])
+                for i, count in enumerate(cal.bin_count):
+                    writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
+                                     cal.bin_accuracy[i], count])
+            plot_reliability(asdict(cal), tmp / "reliability.png", title=f"{variant.name} ({role})")
+            np.savez(tmp / "ood_scores.npz", **{f"{k}.{s}": v[s] for k, v in scores.items() for s in SCORES})
+            plot_ood_histograms(scores, metrics["ood"], tmp / "ood_histograms.png", title=f"{variant.name} ({role})")
+            with open(tmp / "landscape.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["alpha", "energy_sum"])
+                writer.writerows(zip(alphas.tolist(), curve.tolist(), strict=True))
+            plot_landscape({variant.name: (alphas, curve)}, tmp / "landscape.png", shared_y=True,
+                           title=f"{variant.name}: sum of E(x) over {n_land} training images")
+        write_json(args.metrics, {**metrics, "ood_sources": sources})
+        run.log_metrics({"test/accuracy": metrics["accuracy"], "test/ece": metrics["ece"],
+                         **{f"ood/{s}/{k}": v for s, d in metrics["ood"].items() for k, v in d.items()},
+                         "landscape/energy_sum_range": metrics["landscape"]["energy_sum_range"]})
         run.log_artifact(args.plots)
-        print(f"[evaluate] {variant.name}: accuracy {metrics['accuracy']:.4f}, ECE {100 * cal.ece:.2f}%")
+        ood_line = ", ".join(f"{k} {v:.3f}" for k, v in metrics["ood"]["log_px"].items())
+        print(f"[evaluate] {variant.name}: accuracy {metrics['accuracy']:.4f}, ECE {100 * cal.ece:.2f}%, "
+              f"OOD AUROC log p(x): {ood_line}")
 
 
 if __name__ == "__main__":

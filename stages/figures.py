@@ -83,3 +83,82 @@ def plot_reliability(bins: dict[str, Any], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+SCORE_TITLES = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "grad_norm": "-||d log p(x)/dx||"}
+
+
+def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], aurocs: dict[str, dict[str, float]],
+                        path: Path, title: str) -> None:
+    """One panel per score: the in-distribution test set against every OOD set, AUROC in the legend."""
+    names = list(SCORE_TITLES)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8))
+    for ax, score in zip(axes, names, strict=True):
+        values = np.concatenate([v[score] for v in scores.values()])
+        lo, hi = np.percentile(values, [0.5, 99.5]) if len(values) else (0.0, 1.0)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 50)
+        for name, v in scores.items():
+            label = "test (in-dist.)" if name == "test" else f"{name} (AUROC {aurocs[score][name]:.3f})"
+            ax.hist(np.clip(v[score], lo, hi), bins=bins, alpha=0.45, density=True, label=label,
+                    histtype="stepfilled", lw=1.2)
+        ax.set_title(SCORE_TITLES[score])
+        ax.set_xlabel("score (higher = more in-distribution)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_landscape(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, shared_y: bool, title: str) -> None:
+    """Energy landscapes: one axis for every variant (``shared_y``) or one panel per variant."""
+    if shared_y or len(curves) == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, (alphas, curve) in curves.items():
+            ax.plot(alphas, curve, "o-", ms=3, label=name)
+        ax.set_xlabel("alpha (filter-normalised direction)")
+        ax.set_ylabel("sum of E(x)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+    else:
+        n = len(curves)
+        cols = min(n, 4)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        for ax, (name, (alphas, curve)) in zip(axes.flat, curves.items(), strict=False):
+            ax.plot(alphas, curve, "o-", ms=3)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("alpha")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_robustness(curves: dict[str, dict[str, tuple[list[float], list[float]]]], path: Path, title: str) -> None:
+    """Accuracy against radius: one panel per attack, one line per variant.
+
+    ``curves[attack][variant] = (radii, accuracies)``.
+    """
+    attacks = list(curves)
+    fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(5.2 * max(1, len(attacks)), 3.8), squeeze=False)
+    for ax, attack in zip(axes.flat, attacks, strict=False):
+        for name, (radii, acc) in curves[attack].items():
+            ax.plot(radii, acc, "o-", ms=3, label=name)
+        ax.set_title(attack)
+        ax.set_xlabel("radius (L-inf: x/255; L2: [0,1] pixels)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

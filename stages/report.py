@@ -1,53 +1,97 @@
-"""DVC stage `report`: the papers' tables regenerated from this scale's runs.
+"""DVC stage `report`: the papers' tables and figures regenerated from this scale's runs.
 
-    python -m stages.report --metrics metrics/demo --published reports/published.yaml --out reports/demo
+    python -m stages.report --metrics metrics/demo --plots plots/demo --samples samples/demo \
+        --published reports/published.yaml --out reports/demo
 
-For every table in ``reports/published.yaml`` and every row whose variant is defined, the
-value measured here, the published value and the difference, as Markdown, CSV and LaTeX;
-a variant that did not run (not in ``variants``) is marked so. ``summary.*`` lists every
-variant that ran with its training and test metrics. Our numbers come from
-``<metrics>/eval/<variant>.json`` (stage ``evaluate@<variant>``) and
-``<metrics>/train/<variant>.json`` (stage ``train@<variant>``).
+Tables (Markdown, CSV and LaTeX, one set per table, plus ``README.md`` with all of them):
+every table in ``reports/published.yaml`` (SADA-JEM Tables 1, 2, 3, 5, 6 and its ECE figures;
+JEM++ Tables 2, 3, 4, 5, its OOD and ECE tables) with, for every row, our value, the
+published value and the difference, a row whose variant did not run marked ``not run``;
+``summary`` (every variant that ran); ``robustness`` (PGD and BPDA+EOT accuracy per radius;
+the papers publish these as a figure only). Where each number comes from:
+
+* accuracy, ECE, OOD AUROC: ``<metrics>/eval/<variant>.json`` (stage ``evaluate@<variant>``);
+* IS, FID: ``<metrics>/fid/<variant>.json`` (stage ``fid@<variant>``, replay-buffer samples);
+* run time: ``<metrics>/train/<variant>.json`` (stage ``train@<variant>``);
+* robustness: ``<metrics>/robustness/<variant>.json`` (stage ``robustness@<variant>``).
+
+Figures (PNG, ``figures/``): learning curves, reliability diagrams, OOD score histograms,
+robustness curves, energy landscapes (shared and per-model y-axis) and sample grids.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from jem.params import scale_name, selected_variants
-from stages.common import StageError, load_params, main_guard, mlflow_run
+from stages.common import StageError, building, load_params, main_guard, mlflow_run
+from stages.figures import plot_landscape, plot_robustness
 
 PERCENT = {"accuracy", "ece"}
 COLUMN_TITLES = {"accuracy": "Acc %", "is": "IS", "fid": "FID", "ece": "ECE %", "svhn": "SVHN",
                  "cifar10_interp": "CIFAR-10 Interp", "cifar100": "CIFAR-100", "celeba": "CelebA",
                  "minutes_per_epoch": "min/epoch"}
+# published OOD column -> the key under metrics["ood"][score] (the evaluate stage's set names)
+OOD_KEYS = {"svhn": "svhn", "cifar10_interp": "interp", "cifar100": "cifar100", "celeba": "celeba"}
+SCORE_TITLES = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "grad_norm": "-||d log p(x)/dx||"}
+SOURCES = {"accuracy": "eval", "ece": "eval", "is": "fid", "fid": "fid", "minutes_per_epoch": "train",
+           **{k: "eval" for k in OOD_KEYS}}
+SAMPLE_GRIDS = ("conditional", "buffer", "fresh", "best_px", "worst_px", "best_pyx", "worst_pyx")
 
 
-def measured(column: str, row: dict[str, Any], ev: dict[str, Any] | None, tr: dict[str, Any] | None) -> Any:
+class Runs:
+    """The metrics of every variant that ran, by stage."""
+
+    def __init__(self, root: Path, variants: list[str]) -> None:
+        self.root = root
+        self.variants = variants
+        self.by_stage = {stage: {v: _read(root / stage / f"{v}.json") for v in variants}
+                         for stage in ("train", "eval", "fid", "robustness")}
+
+    def get(self, stage: str, variant: str) -> dict[str, Any] | None:
+        return self.by_stage[stage].get(variant)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def measured(column: str, row: dict[str, Any], runs: Runs, fid_set: str) -> Any:
     """Our value for a published column, or a string saying why there is none."""
-    if ev is None:
+    variant = row["variant"]
+    if variant not in runs.variants:
         return "not run"
+    ev = runs.get("eval", variant)
     if column in PERCENT:
-        return 100 * ev[column] if ev.get(column) is not None else "not computed"
+        return 100 * ev[column] if ev and ev.get(column) is not None else "not computed"
     if column == "minutes_per_epoch":
+        tr = runs.get("train", variant)
         if tr and tr.get("train_seconds") and tr.get("epochs"):
             return tr["train_seconds"] / tr["epochs"] / 60
         return "not computed"
     if column in ("is", "fid"):
-        value = ev.get(column)
-        return value if isinstance(value, (int, float)) else ev.get(f"{column}_status", "not computed")
-    ood = ev.get("ood", {}).get(row.get("score", ""), {})
-    return ood.get(column, "not computed")
+        fid = runs.get("fid", variant)
+        if fid is None:
+            return "not computed"
+        if fid.get("status") != "ok":
+            return str(fid.get("status"))
+        return fid.get(fid_set, {}).get(column, f"no {fid_set} samples")
+    if column in OOD_KEYS:
+        scores = (ev or {}).get("ood", {}).get(row.get("score", ""), {})
+        value = scores.get(OOD_KEYS[column])
+        return value if value is not None else "not computed"
+    raise StageError(f"reports/published.yaml: unknown column {column!r}; known: {', '.join(SOURCES)}")
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -58,16 +102,14 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
-def build_table(spec: dict[str, Any], evals: dict[str, dict], trains: dict[str, dict]) -> pd.DataFrame:
+def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
     records = []
     for row in spec["rows"]:
-        variant = row["variant"]
-        rec: dict[str, Any] = {"row": row["label"], "variant": variant}
+        rec: dict[str, Any] = {"row": row["label"], "variant": row["variant"]}
         if "score" in row:
-            rec["score"] = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "grad_norm": "-||d log p(x)/dx||"}.get(
-                row["score"], row["score"])
+            rec["score"] = SCORE_TITLES.get(row["score"], row["score"])
         for col in spec["columns"]:
-            ours = measured(col, row, evals.get(variant), trains.get(variant))
+            ours = measured(col, row, runs, fid_set)
             published = row.get(col)
             rec[f"{col} ours"] = ours
             rec[f"{col} paper"] = published
@@ -78,19 +120,31 @@ def build_table(spec: dict[str, Any], evals: dict[str, dict], trains: dict[str, 
     return pd.DataFrame.from_records(records)
 
 
-def render(name: str, spec: dict[str, Any], table: pd.DataFrame, out: Path, header: str) -> str:
-    digits = 2 if any(c in spec["columns"] for c in ("accuracy", "ece", "minutes_per_epoch", "is", "fid")) else 3
-    shown = table.copy()
-    for col in shown.columns:
-        if col.endswith((" ours", " paper", " diff")):
-            shown[col] = shown[col].map(lambda v: _fmt(v, digits))
-    shown.columns = [_title(c) for c in shown.columns]
-    table.to_csv(out / f"{name}.csv", index=False)
-    latex = shown.to_latex(index=False, escape=True, caption=spec["title"], label=f"tab:{name}")
-    (out / f"{name}.tex").write_text(latex)
-    md = f"### {spec['title']}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n"
-    (out / f"{name}.md").write_text(md.replace("\n\n", f"\n\n{header}\n\n", 1))
-    return md
+def robustness_table(runs: Runs) -> pd.DataFrame:
+    """Accuracy (%) per attack and radius for every variant that ran; the papers give a figure only."""
+    records = []
+    for v in runs.variants:
+        rob = runs.get("robustness", v)
+        rec: dict[str, Any] = {"variant": v}
+        if rob is None:
+            rec["note"] = "not computed"
+            records.append(rec)
+            continue
+        for key, title in (("pgd_linf", "PGD Linf"), ("pgd_l2", "PGD L2")):
+            for radius, acc in (rob.get(key) or {}).items():
+                rec[f"{title} {radius}"] = 100 * acc
+        bpda = rob.get("bpda") or {}
+        if bpda.get("status") == "ok":
+            for radius, acc in bpda.items():
+                if radius not in ("status", "norm", "images"):
+                    rec[f"BPDA+EOT {bpda['norm']} {radius}"] = 100 * acc
+            rec["note"] = f"{rob['images']} test images (BPDA: {bpda['images']})"
+        else:
+            rec["note"] = f"{rob['images']} test images; BPDA+EOT {bpda.get('status')}: {bpda.get('reason', '')}"
+        records.append(rec)
+    table = pd.DataFrame.from_records(records)
+    cols = ["variant", *[c for c in table.columns if c not in ("variant", "note")], "note"]
+    return table.reindex(columns=[c for c in cols if c in table.columns])
 
 
 def _title(col: str) -> str:
@@ -100,8 +154,18 @@ def _title(col: str) -> str:
     return col
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def render(name: str, title: str, table: pd.DataFrame, out: Path, header: str, digits: int) -> str:
+    shown = table.copy()
+    for col in shown.columns:
+        if col not in ("row", "variant", "score", "paper note", "note"):
+            shown[col] = shown[col].map(lambda v: _fmt(v, digits))
+    shown.columns = [_title(c) for c in shown.columns]
+    table.to_csv(out / f"{name}.csv", index=False)
+    latex = shown.to_latex(index=False, escape=True, caption=title, label=f"tab:{name}")
+    (out / f"{name}.tex").write_text(latex)
+    md = f"### {title}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n"
+    (out / f"{name}.md").write_text(md.replace("\n\n", f"\n\n{header}\n\n", 1))
+    return md
 
 
 def _commit() -> str:
@@ -112,9 +176,63 @@ def _commit() -> str:
         return "unknown"
 
 
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def figures(runs: Runs, plots: Path, samples: Path, out: Path) -> list[str]:
+    """Collect and draw the report's figures into ``out``; returns what is missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    missing = []
+
+    def copy(src: Path, name: str) -> None:
+        if src.exists():
+            shutil.copyfile(src, out / name)
+        else:
+            missing.append(str(src))
+
+    landscapes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for v in runs.variants:
+        copy(plots / "train" / v / "curves.png", f"learning_curves_{v}.png")
+        copy(plots / "eval" / v / "reliability.png", f"reliability_{v}.png")
+        copy(plots / "eval" / v / "ood_histograms.png", f"ood_histograms_{v}.png")
+        land = plots / "eval" / v / "landscape.csv"
+        if land.exists():
+            rows = _read_csv(land)
+            landscapes[v] = (np.array([float(r["alpha"]) for r in rows]),
+                             np.array([float(r["energy_sum"]) for r in rows]))
+        else:
+            missing.append(str(land))
+        rob = plots / "robustness" / v / "curve.csv"
+        if rob.exists():
+            for r in _read_csv(rob):
+                radii, accs = curves.setdefault(r["attack"], {}).setdefault(v, ([], []))
+                radii.append(float(r["radius"]))
+                accs.append(float(r["accuracy"]))
+        else:
+            missing.append(str(rob))
+        info = _read(samples / v / "info.json") or {}
+        if info.get("generative"):
+            for grid in SAMPLE_GRIDS:
+                copy(samples / v / f"{grid}.png", f"samples_{v}_{grid}.png")
+    if landscapes:
+        plot_landscape(landscapes, out / "landscape_shared_y.png", shared_y=True,
+                       title="Energy landscape: sum of E(x) over training images")
+        plot_landscape(landscapes, out / "landscape_per_model.png", shared_y=False,
+                       title="Energy landscape, one y-axis per model")
+    for attack, by_variant in curves.items():
+        plot_robustness({attack: by_variant}, out / f"robustness_{attack.replace('+', '_').replace(' ', '_')}.png",
+                        title=f"Accuracy under {attack}")
+    return missing
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--metrics", type=Path, required=True, help="metrics folder of this scale")
+    ap.add_argument("--plots", type=Path, required=True, help="plots folder of this scale")
+    ap.add_argument("--samples", type=Path, required=True, help="samples folder of this scale")
     ap.add_argument("--published", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -123,48 +241,55 @@ def main() -> None:
     scale = scale_name(params)
     variants = selected_variants(params)
     published = yaml.safe_load(args.published.read_text())
-    evals = {v: _read(args.metrics / "eval" / f"{v}.json") for v in variants}
-    trains = {v: _read(args.metrics / "train" / f"{v}.json") for v in variants}
-    missing = [v for v, m in evals.items() if m is None]
+    runs = Runs(args.metrics, variants)
+    missing = [v for v, m in runs.by_stage["eval"].items() if m is None]
     if missing:
         raise StageError(f"no evaluate metrics for {', '.join(missing)} under {args.metrics / 'eval'}; "
                          "run dvc repro (the evaluate stages come first)")
     unknown = sorted({r["variant"] for t in published.values() for r in t["rows"]} - set(params["methods"]))
     if unknown:
         raise StageError(f"{args.published}: rows name variants not in params.yaml methods: {', '.join(unknown)}")
+    fid_set = str((params.get("fid") or {}).get("sets", ["buffer"])[0])
 
-    header = (f"Scale **{scale}** (commit {_commit()}). *ours*: `metrics/{scale}/eval/<variant>.json` from "
-              f"`dvc repro`; *paper*: `{args.published}`."
-              + (" Demo-scale runs use procedural stand-in data and a WRN-10-1 trained for minutes: "
-                 "they show the pipeline works, not the papers' numbers." if scale != "paper" else ""))
+    header = (f"Scale **{scale}** (commit {_commit()}). *ours*: accuracy, ECE and OOD from "
+              f"`metrics/{scale}/eval/<variant>.json`, IS/FID ({fid_set} samples) from "
+              f"`metrics/{scale}/fid/<variant>.json`, run time from `metrics/{scale}/train/<variant>.json`, "
+              f"all written by `dvc repro`; *paper*: `{args.published}`."
+              + (f" The {scale} scale uses procedural stand-in data and a WRN-10-1 trained for minutes: "
+                 "it shows the pipeline works, not the papers' numbers." if scale != "paper" else ""))
     with mlflow_run("report", params, {}) as run:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-        try:
+        with building(args.out) as tmp:
             summary = pd.DataFrame.from_records([
-                {"variant": v, "family": evals[v]["family"], "dataset": f"{evals[v]['dataset']} ({evals[v]['source']})",
-                 "test acc %": 100 * evals[v]["accuracy"], "ECE %": 100 * evals[v]["ece"],
-                 "val acc %": (100 * trains[v]["val_acc"]
-                               if trains[v] and trains[v].get("val_acc") is not None else None),
-                 "steps": trains[v]["steps"] if trains[v] else None,
-                 "train min": trains[v]["train_seconds"] / 60 if trains[v] else None}
+                {"variant": v, "family": runs.get("eval", v)["family"],
+                 "dataset": f"{runs.get('eval', v)['dataset']} ({runs.get('eval', v)['source']})",
+                 "test acc %": 100 * runs.get("eval", v)["accuracy"], "ECE %": 100 * runs.get("eval", v)["ece"],
+                 "val acc %": (100 * runs.get("train", v)["val_acc"]
+                               if runs.get("train", v) and runs.get("train", v).get("val_acc") is not None else None),
+                 "steps": runs.get("train", v)["steps"] if runs.get("train", v) else None,
+                 "train min": runs.get("train", v)["train_seconds"] / 60 if runs.get("train", v) else None}
                 for v in variants])
             summary.to_csv(tmp / "summary.csv", index=False)
-            parts = [f"# Results ({scale} scale)\n\n{header}\n\n## All variants that ran\n\n"
-                     f"{summary.to_markdown(index=False, floatfmt='.2f')}\n"]
             (tmp / "summary.tex").write_text(summary.to_latex(index=False, float_format="%.2f", caption="All variants"))
+            parts = [f"# Results ({scale} scale)\n\n{header}\n\n## All variants that ran\n\n"
+                     f"{summary.to_markdown(index=False, floatfmt='.2f')}\n\n## The papers' tables\n"]
             for name, spec in published.items():
-                table = build_table(spec, evals, trains)
-                parts.append(render(name, spec, table, tmp, header))
+                digits = 3 if set(spec["columns"]) <= set(OOD_KEYS) else 2
+                parts.append(render(name, spec["title"], build_table(spec, runs, fid_set), tmp, header, digits))
+            rob_header = (f"Accuracy % under attack, from `metrics/{scale}/robustness/<variant>.json` (stage "
+                          "robustness). L-inf radii in 1/255, L2 radii on [0, 1] images. *paper*: SADA-JEM reports "
+                          "robustness as a figure (Fig. 5), with no numbers to compare against.")
+            parts.append("## Robustness\n")
+            parts.append(render("robustness", "Robustness: accuracy (%) under PGD and BPDA+EOT", robustness_table(runs),
+                                tmp, rob_header, 1))
+            missing_figs = figures(runs, args.plots, args.samples, tmp / "figures")
+            fig_list = "\n".join(f"- [{p.name}](figures/{p.name})" for p in sorted((tmp / "figures").glob("*.png")))
+            parts.append(f"## Figures\n\n{fig_list}\n")
+            if missing_figs:
+                parts.append("Missing inputs (not drawn): " + ", ".join(f"`{m}`" for m in missing_figs) + "\n")
             (tmp / "README.md").write_text("\n".join(parts))
-            if args.out.exists():
-                shutil.rmtree(args.out)
-            tmp.rename(args.out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         run.log_artifact(args.out, "reports")
-        print(f"[report] {len(published)} tables + summary for {len(variants)} variants -> {args.out}")
+        n_figs = len(list((args.out / "figures").glob("*.png")))
+        print(f"[report] {len(published) + 2} tables, {n_figs} figures for {len(variants)} variants -> {args.out}")
 
 
 if __name__ == "__main__":

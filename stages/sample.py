@@ -5,14 +5,16 @@
 Three sets, saved together in ``samples.npz`` (uint8 images, clamped to [-1, 1] first) and as
 PNG grids: the final replay buffer (what the reference code scores for IS/FID), fresh chains
 started from p0 and run for the variant's sampler steps, and class-conditional fresh chains
-(one grid row per class).
+(one grid row per class). Then, per class (the classifier's prediction), the ``ranked``
+best and worst samples by ``log p(x)`` and by ``p(y|x)`` among the buffer and fresh sets
+(``best_px.png``, ``worst_px.png``, ``best_pyx.png``, ``worst_pyx.png``; indices into the
+concatenation buffer + fresh in ``samples.npz``). Batch norm samples with batch statistics
+when the variant does, but never updates the running statistics here.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,11 @@ import torch
 
 from jem.config import Variant
 from jem.gmm import load_mixture_stats
-from jem.models import load_model
+from jem.metrics import predict_logits
 from jem.params import stage_section
-from jem.samplers import sample
+from jem.samplers import sample, without_bn_updates
 from jem.train import build_p0
-from stages.common import StageError, load_params, main_guard, mlflow_run, setup_run, write_json
+from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_json
 from stages.figures import save_grid
 
 
@@ -37,11 +39,35 @@ def run_chains(model: torch.nn.Module, variant: Variant, p0, n: int, steps: int,
     """``n`` fresh chains from p0 in batches of the training p(x) batch size."""
     out = []
     batch = variant.train.px_batch_size
+    sampler = without_bn_updates(variant.sampler)
     for i in range(0, n, batch):
         y = labels[i:i + batch].to(device) if labels is not None else None
         x0, _ = p0.sample(min(batch, n - i), y=y, device=device)
-        out.append(sample(model, x0.to(device), variant.sampler, y=y, steps=steps).cpu())
+        out.append(sample(model, x0.to(device), sampler, y=y, steps=steps).cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def rank_per_class(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """Per predicted class: indices of the k best/worst by log p(x) and by p(y|x); -1 pads."""
+    classes = logits.shape[1]
+    log_px = torch.logsumexp(logits, 1)
+    prob, pred = torch.softmax(logits, 1).max(1)
+    out = {key: np.full((classes, k), -1, dtype=np.int64) for key in ("best_px", "worst_px", "best_pyx", "worst_pyx")}
+    for c in range(classes):
+        idx = (pred == c).nonzero().flatten()
+        if not len(idx):
+            continue
+        for key, score in (("px", log_px[idx]), ("pyx", prob[idx])):
+            order = idx[torch.argsort(score, descending=True)]
+            m = min(k, len(order))
+            out[f"best_{key}"][c, :m] = order[:m].numpy()
+            out[f"worst_{key}"][c, :m] = order.flip(0)[:m].numpy()
+    return out
+
+
+def _ranked_grid(images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    blank = np.full(images.shape[1:], 255, dtype=np.uint8)  # a white cell where a class has too few samples
+    return np.stack([images[i] if i >= 0 else blank for i in index.flatten()])
 
 
 def main() -> None:
@@ -54,21 +80,13 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     cfg = stage_section(params, "sample")
-    select = cfg.get("select", "last")
-    weights = args.model / ("final.pt" if select == "last" else "best_val.pt")
-    if select not in ("last", "best_val"):
-        raise StageError(f"sample.select = {select!r}: expected 'last' or 'best_val'")
-    if not weights.exists():
-        raise StageError(f"{weights} not found (sample.select = {select}); best_val needs a validation split")
-    model, payload = load_model(weights, device)
-    variant = Variant.from_dict(payload["variant"])
+    model, variant, select = load_selected(args.model, "sample", str(cfg.get("select", "last")), device)
     role = variant.dataset
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     if not variant.uses_sampler:  # the papers report no IS/FID for softmax baselines
-        with mlflow_run(f"sample@{variant.name}", params, {**tags, "generative": False}):
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_json(args.out / "info.json", {"variant": variant.name, "generative": False,
-                                                "reason": "softmax baseline: trained without p(x), not sampled"})
+        with mlflow_run(f"sample@{variant.name}", params, {**tags, "generative": False}), building(args.out) as tmp:
+            write_json(tmp / "info.json", {"variant": variant.name, "dataset": role, "generative": False,
+                                           "reason": "softmax baseline: trained without p(x), not sampled"})
         print(f"[sample] {variant.name}: softmax baseline, no samples (the papers report none)")
         return
     final = torch.load(args.model / "final.pt", map_location="cpu", weights_only=False)
@@ -88,24 +106,23 @@ def main() -> None:
         sets["fresh"] = to_uint8(run_chains(model, variant, p0, int(cfg["fresh"]), steps, device))
         cond_labels = torch.arange(classes).repeat_interleave(int(cfg["per_class"]))
         sets["conditional"] = to_uint8(run_chains(model, variant, p0, len(cond_labels), steps, device, cond_labels))
+        pool = np.concatenate([sets["buffer"], sets["fresh"]])
+        logits = predict_logits(model, torch.from_numpy(pool), device=device)
+        ranked = rank_per_class(logits, int(cfg.get("ranked", 8)))
 
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-        try:
-            np.savez(tmp / "samples.npz", conditional_labels=cond_labels.numpy(), **sets)
+        with building(args.out) as tmp:
+            np.savez(tmp / "samples.npz", conditional_labels=cond_labels.numpy(), **sets,
+                     **{f"ranked_{k}": v for k, v in ranked.items()})
             grid = int(cfg.get("grid", 100))
             for key in ("buffer", "fresh"):
                 save_grid(sets[key][:grid], tmp / f"{key}.png", nrow=int(np.ceil(np.sqrt(min(grid, len(sets[key]))))))
             save_grid(sets["conditional"], tmp / "conditional.png", nrow=int(cfg["per_class"]))
-            write_json(tmp / "info.json", {"variant": variant.name, "generative": True, "weights": select,
-                                           "steps": steps,
-                                           "counts": {k: len(v) for k, v in sets.items()}})
-            if args.out.exists():
-                shutil.rmtree(args.out)
-            tmp.rename(args.out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            for key, index in ranked.items():
+                save_grid(_ranked_grid(pool, index), tmp / f"{key}.png", nrow=index.shape[1])
+            write_json(tmp / "info.json", {"variant": variant.name, "dataset": role, "generative": True,
+                                           "weights": select,
+                                           "steps": steps, "counts": {k: len(v) for k, v in sets.items()},
+                                           "ranked_from": "buffer + fresh, by predicted class"})
         for png in sorted(args.out.glob("*.png")):
             run.log_artifact(png, "samples")
         run.log_metrics({f"n_{k}": len(v) for k, v in sets.items()})

@@ -36,7 +36,8 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     stages = set(run_ok([*dvc, "stage", "list", "--name-only"], path, env).split())
     params = yaml.safe_load((path / "params.yaml").read_text())
     variants = params["variants"]
-    assert {f"{s}@{v}" for s in ("train", "sample", "evaluate") for v in variants} | {"report"} <= stages
+    per_variant = ("train", "sample", "evaluate", "fid", "robustness")
+    assert {f"{s}@{v}" for s in per_variant for v in variants} | {"report"} <= stages
 
     first = run_ok([*dvc, "repro"], path, env)
     assert _ran(first) == stages, f"not run: {stages - _ran(first)}"
@@ -47,9 +48,27 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1
         assert (path / "models" / "tiny" / v / "final.pt").exists()
         assert (path / "plots" / "tiny" / "train" / v / "curves.png").exists()
-    report = (path / "reports" / "tiny" / "README.md").read_text()
+        assert set(metrics["ood"]) == {"log_px", "max_prob", "grad_norm"}
+        assert all(0 <= a <= 1 for d in metrics["ood"].values() for a in d.values())
+        assert set(metrics["ood"]["log_px"]) == {"svhn", "interp", "cifar100", "celeba"}
+        fid = json.loads((path / "metrics" / "tiny" / "fid" / f"{v}.json").read_text())
+        if v == "softmax":
+            assert fid["status"] == "not applicable"
+        else:  # no Inception weights offline: said so, with the reason, and no number
+            assert fid["status"] == "unavailable" and "weights/pt_inception" in fid["reason"]
+            assert "buffer" not in fid
+        rob = json.loads((path / "metrics" / "tiny" / "robustness" / f"{v}.json").read_text())
+        assert 0 <= rob["pgd_linf"]["8/255"] <= 1 and 0 <= rob["pgd_l2"]["0.5"] <= 1
+        assert rob["bpda"]["status"] == ("not applicable" if v == "softmax" else "ok")
+    reports = path / "reports" / "tiny"
+    report = (reports / "README.md").read_text()
     assert all(f"| {v} " in report for v in variants)
-    assert (path / "reports" / "tiny" / "sadajem_table1.tex").exists()
+    for table in ("sadajem_table1", "sadajem_table3", "jempp_table5", "robustness", "summary"):
+        assert (reports / f"{table}.csv").exists() and (reports / f"{table}.tex").exists()
+    figures = {p.name for p in (reports / "figures").glob("*.png")}
+    assert {"landscape_shared_y.png", "landscape_per_model.png", "robustness_PGD_linf.png"} <= figures
+    assert all(f"reliability_{v}.png" in figures and f"learning_curves_{v}.png" in figures for v in variants)
+    assert "samples_sadajem_k5_best_px.png" in figures
     assert (path / "samples" / "tiny" / "sadajem_k5" / "conditional.png").exists()
 
     from mlflow.tracking import MlflowClient
@@ -66,7 +85,7 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
         assert tags["stage"] == r.info.run_name.split("@")[0]
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"])
         assert tags["dvc_exp"] == "workspace"
-        if tags["stage"] in ("train", "sample", "evaluate"):
+        if tags["stage"] in per_variant:
             assert tags["variant"] == r.info.run_name.split("@")[1] and tags["dataset"] == "cifar10"
     train = next(r for r in runs if r.info.run_name == "train@sadajem_k5")
     assert train.data.params["sampler.kind"] == "sgld" and "train/loss" in train.data.metrics
@@ -84,4 +103,4 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     status = json.loads(run_ok([*dvc, "status", "--json"], path, env).strip().splitlines()[-1])
     assert set(status) == {"train@sadajem_k5"}
     third = run_ok([*dvc, "repro"], path, env)
-    assert _ran(third) == {"train@sadajem_k5", "sample@sadajem_k5", "evaluate@sadajem_k5", "report"}
+    assert _ran(third) == {f"{s}@sadajem_k5" for s in per_variant} | {"report"}

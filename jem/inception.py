@@ -1,0 +1,200 @@
+"""Inception Score and Frechet Inception Distance on pytorch-fid's Inception network.
+
+The network is the one pytorch-fid uses (the TensorFlow FID Inception-v3 ported to PyTorch,
+1008-way classifier): torchvision's Inception3 with pytorch-fid's patched blocks. One pass
+gives both the 2048-d pool features (FID) and the 1008 logits (IS), so IS comes from the
+same network as FID. Inputs are images in [-1, 1] (or uint8), resized bilinearly to 299x299
+as pytorch-fid does.
+
+The weights come from a local file (``pt_inception-2015-12-05-6726825d.pth``, checked
+against the sha256 prefix in its name) or, when allowed, from pytorch-fid's release URL.
+When neither works, ``InceptionUnavailable`` says why in one line, and the caller reports
+the metric as unavailable; nothing here ever invents a number.
+
+* FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, computed by
+  pytorch-fid's ``calculate_frechet_distance``; statistics are the mean and the unbiased
+  covariance (``np.cov``), as pytorch-fid computes them.
+* IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the 1008-way softmax, averaged over 10 splits
+  (Salimans et al.); mean and standard deviation over the splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_fid import inception as pfi
+from pytorch_fid.fid_score import calculate_frechet_distance
+from torch import nn
+from tqdm.auto import tqdm
+
+from jem.data import to_unit_range
+
+FID_WEIGHTS_URL = pfi.FID_WEIGHTS_URL
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+FEATURE_DIM = 2048
+NUM_LOGITS = 1008
+
+
+class InceptionUnavailable(RuntimeError):
+    """The Inception weights cannot be had; the message (one line) says why and how to fix it."""
+
+
+def fid_inception_architecture() -> nn.Module:
+    """pytorch-fid's FID Inception-v3, randomly initialised (no download)."""
+    net = pfi._inception_v3(num_classes=NUM_LOGITS, aux_logits=False, weights=None)
+    net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    return net
+
+
+class FIDInception(nn.Module):
+    """Pool features (N, 2048) and logits (N, 1008) of images in [-1, 1]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.net
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+                      n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a,
+                      n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        pool = torch.flatten(n.avgpool(x), 1)
+        return pool, n.fc(pool)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_fid_inception(weights: str | os.PathLike[str], download: bool = False,
+                       device: torch.device | str = "cpu", check_hash: bool = True) -> FIDInception:
+    """The FID Inception with its standard weights, from ``weights`` (a file path).
+
+    A missing file is downloaded there when ``download`` is true. Raises
+    ``InceptionUnavailable`` (one line) when the file is missing and cannot be downloaded,
+    or is not the standard weights.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        if not download:
+            raise InceptionUnavailable(f"Inception weights not found at {path}; download {FID_WEIGHTS_URL} "
+                                       "to that path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=FID_WEIGHTS_SHA256_PREFIX,
+                                           progress=True)
+        except Exception as exc:  # no network, proxy, bad hash...
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InceptionUnavailable(f"Inception weights not found at {path} and the download of "
+                                       f"{FID_WEIGHTS_URL} failed ({reason})") from exc
+    if check_hash:
+        digest = _sha256(path)
+        if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+            raise InceptionUnavailable(f"{path} is not pytorch-fid's Inception weights (sha256 {digest[:8]}..., "
+                                       f"expected {FID_WEIGHTS_SHA256_PREFIX}...); replace it with "
+                                       f"{FID_WEIGHTS_URL}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = fid_inception_architecture()
+        net.load_state_dict(state)
+    except Exception as exc:
+        raise InceptionUnavailable(f"{path} could not be loaded as the FID Inception ({type(exc).__name__}: "
+                                   f"{' '.join(str(exc).split())[:200]})") from exc
+    return FIDInception(net).to(device)
+
+
+@torch.no_grad()
+def inception_outputs(model: FIDInception, images: torch.Tensor | np.ndarray, batch_size: int = 200,
+                      device: torch.device | str = "cpu", progress: bool = True,
+                      desc: str = "inception") -> tuple[np.ndarray, np.ndarray]:
+    """Pool features (float64, N x 2048) and logits (float64, N x 1008) of uint8 or [-1, 1] images."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images (N, 3, H, W), got {tuple(images.shape)}")
+    feats, logits = [], []
+    for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc=desc, unit="batch"):
+        x = to_unit_range(images[i:i + batch_size].to(device))
+        pool, out = model(x)
+        feats.append(pool.double().cpu())
+        logits.append(out.double().cpu())
+    if not feats:
+        raise ValueError("no images to score")
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+@dataclass
+class GaussianStats:
+    """Mean and covariance of Inception features (pytorch-fid's statistics)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.array(self.n))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> GaussianStats:
+        with np.load(path) as f:
+            stats = cls(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]))
+        d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
+        if stats.mu.ndim != 1 or stats.sigma.shape != (d, d):
+            raise ValueError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} are not a mean and "
+                             "covariance of one dimension; rerun the fid_ref stage")
+        return stats
+
+
+def feature_stats(features: np.ndarray) -> GaussianStats:
+    if len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
+    return GaussianStats(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features))
+
+
+def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """IS mean and standard deviation over ``splits`` equal parts of the samples."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(logits) < splits:
+        raise ValueError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
+    log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # log softmax
+    scores = []
+    for part in np.array_split(log_p, splits):
+        p = np.exp(part)
+        log_py = np.log(p.mean(0))
+        kl = (p * (part - log_py[None])).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))

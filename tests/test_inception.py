@@ -1,0 +1,85 @@
+"""The FID Inception network and its weights handling, without downloading the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_fid import inception as pfi
+
+from jem.inception import (
+    FEATURE_DIM,
+    NUM_LOGITS,
+    FIDInception,
+    InceptionUnavailable,
+    fid_inception_architecture,
+    inception_outputs,
+    load_fid_inception,
+)
+
+
+@pytest.fixture(scope="module")
+def random_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = fid_inception_architecture()
+    # torchvision skips its weight init for this network; give every tensor a sane random value
+    state = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("running_var"):
+            state[k] = torch.rand_like(v) + 0.5
+        elif v.is_floating_point():
+            state[k] = torch.randn_like(v) * (0.1 if v.dim() > 1 else 0.01)
+        else:
+            state[k] = v
+    return state
+
+
+def test_architecture_is_pytorch_fids_and_computes_the_same_features(monkeypatch, random_weights):
+    # pytorch-fid builds its network and loads the published weights; hand it ours instead
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: random_weights)
+    reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]]).eval()  # strict load
+    net = fid_inception_architecture()
+    net.load_state_dict(random_weights)
+    ours = FIDInception(net)
+    x01 = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = reference(x01)[0].flatten(1)
+        pool, logits = ours(2 * x01 - 1)
+    assert pool.shape == (2, FEATURE_DIM) and logits.shape == (2, NUM_LOGITS)
+    torch.testing.assert_close(pool, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, pool @ random_weights["fc.weight"].T + random_weights["fc.bias"])
+
+
+def test_outputs_of_uint8_images_in_batches(random_weights):
+    net = fid_inception_architecture()
+    net.load_state_dict(random_weights)
+    model = FIDInception(net)
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    pool, logits = inception_outputs(model, images, batch_size=2, progress=False)
+    assert pool.dtype == np.float64 and pool.shape == (3, FEATURE_DIM) and logits.shape == (3, NUM_LOGITS)
+    one, _ = inception_outputs(model, images[1:2], progress=False)
+    np.testing.assert_allclose(pool[1:2], one, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_wrong_and_unreadable_weights_say_why(tmp_path, random_weights):
+    with pytest.raises(InceptionUnavailable, match=r"Inception weights not found at .*nothing\.pth; download "
+                                                   r"https://github.com/mseitzer/pytorch-fid"):
+        load_fid_inception(tmp_path / "nothing.pth")
+    path = tmp_path / "weights.pth"
+    torch.save(random_weights, path)
+    with pytest.raises(InceptionUnavailable, match=r"is not pytorch-fid's Inception weights \(sha256 [0-9a-f]{8}"):
+        load_fid_inception(path)
+    assert isinstance(load_fid_inception(path, check_hash=False), FIDInception)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InceptionUnavailable, match="could not be loaded as the FID Inception"):
+        load_fid_inception(tmp_path / "junk.pth", check_hash=False)
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure\n in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(InceptionUnavailable) as info:
+        load_fid_inception(tmp_path / "w.pth", download=True)
+    assert "\n" not in str(info.value) and "download of https://github.com" in str(info.value)

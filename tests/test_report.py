@@ -1,0 +1,79 @@
+"""The report stage on hand-written metrics: exactly the rows of the variants that ran, paper values, differences."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from .conftest import ROOT, run_ok, stage_env
+
+RAN = ("softmax", "sadajem_k5")
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["variants"] = list(RAN)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "reports").mkdir()
+    shutil.copy(ROOT / "reports" / "published.yaml", tmp_path / "reports" / "published.yaml")
+    m = tmp_path / "metrics" / "demo"
+    for i, v in enumerate(RAN):
+        _write(m / "eval" / f"{v}.json", {
+            "variant": v, "family": v.split("_")[0], "dataset": "cifar10", "source": "shapes",
+            "accuracy": 0.5 + 0.1 * i, "ece": 0.02 * (i + 1),
+            "ood": {s: {"svhn": 0.6 + 0.01 * i, "interp": 0.55, "cifar100": 0.52, "celeba": 0.7}
+                    for s in ("log_px", "max_prob", "grad_norm")}})
+        _write(m / "train" / f"{v}.json", {"steps": 100, "epochs": 2, "train_seconds": 60.0 * (i + 1),
+                                           "val_acc": 0.5})
+        _write(m / "robustness" / f"{v}.json", {
+            "variant": v, "images": 10, "pgd_linf": {"2/255": 0.4, "8/255": 0.1}, "pgd_l2": {"0.5": 0.3},
+            "bpda": ({"status": "not applicable", "reason": "softmax baseline"} if v == "softmax" else
+                     {"status": "ok", "norm": "linf", "images": 5, "8/255": 0.2})})
+    _write(m / "fid" / "softmax.json", {"variant": "softmax", "status": "not applicable", "reason": "no samples"})
+    _write(m / "fid" / "sadajem_k5.json", {"variant": "sadajem_k5", "status": "ok",
+                                           "buffer": {"n": 500, "is": 7.5, "is_std": 0.1, "fid": 20.0}})
+    return tmp_path
+
+
+def test_report_rows_values_and_differences(workspace: Path):
+    env = {**stage_env(), "DVC_ROOT": str(workspace), "PYTHONPATH": str(ROOT)}
+    run_ok([sys.executable, "-m", "stages.report", "--metrics", "metrics/demo", "--plots", "plots/demo",
+            "--samples", "samples/demo", "--published", "reports/published.yaml", "--out", "reports/demo"],
+           workspace, env)
+    out = workspace / "reports" / "demo"
+    assert pd.read_csv(out / "summary.csv")["variant"].tolist() == list(RAN)
+    assert pd.read_csv(out / "robustness.csv")["variant"].tolist() == list(RAN)
+
+    published = yaml.safe_load((workspace / "reports" / "published.yaml").read_text())
+    t1 = pd.read_csv(out / "sadajem_table1.csv")
+    assert t1["variant"].tolist() == [r["variant"] for r in published["sadajem_table1"]["rows"]]
+    sada = t1.set_index("variant").loc["sadajem_k5"]
+    assert float(sada["accuracy ours"]) == pytest.approx(60.0)
+    assert float(sada["accuracy paper"]) == 95.5 and float(sada["accuracy diff"]) == pytest.approx(60.0 - 95.5)
+    assert float(sada["fid ours"]) == 20.0 and float(sada["fid diff"]) == pytest.approx(20.0 - 9.41)
+    assert t1.set_index("variant").loc["softmax", "fid ours"] == "not applicable"
+    for v in set(t1["variant"]) - set(RAN):
+        assert t1.set_index("variant").loc[v, "accuracy ours"] == "not run"
+
+    t3 = pd.read_csv(out / "sadajem_table3.csv")
+    row = t3[(t3["variant"] == "sadajem_k5") & (t3["score"] == "log p(x)")].iloc[0]
+    assert float(row["cifar10_interp ours"]) == 0.55 and float(row["svhn ours"]) == pytest.approx(0.61)
+    t4 = pd.read_csv(out / "jempp_table4.csv").set_index("variant")
+    assert t4.loc["jempp_m10", "minutes_per_epoch ours"] == "not run"
+    rob = pd.read_csv(out / "robustness.csv").set_index("variant")
+    assert rob.loc["sadajem_k5", "BPDA+EOT linf 8/255"] == 20.0 and rob.loc["softmax", "PGD Linf 8/255"] == 10.0
+    text = (out / "README.md").read_text()
+    assert "metrics/demo/eval/<variant>.json" in text and "SADA-JEM Table 6" in text
+    assert "Missing inputs" in text  # no plots or samples were given: said so, not hidden
