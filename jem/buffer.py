@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from jem.errors import InputError
 from jem.gmm import InitDistribution
 
 
@@ -83,7 +84,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["samples"].shape) != tuple(self.samples.shape):
-            raise ValueError(f"buffer shape {tuple(state['samples'].shape)} does not match "
+            raise InputError(f"buffer shape {tuple(state['samples'].shape)} does not match "
                              f"the configured {tuple(self.samples.shape)}")
         self.samples = state["samples"].to(self.device).contiguous()
         self.labels = state["labels"].to(self.device)

@@ -14,9 +14,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from jem.errors import InputError
 
-class ConfigError(ValueError):
-    """A variant description that cannot be built. The message is one line."""
+
+class ConfigError(InputError):
+    """A variant description (or params file) that cannot be built. The message is one line."""
 
 
 @dataclass
@@ -100,6 +102,9 @@ class BufferConfig:
 class OptimConfig:
     name: str = "sgd"  # sgd | adam
     lr: float = 0.1
+    # Multiplies lr. For a scale that changes the batch size of every method at once (the
+    # demo's batch 32 against the papers' 64-128), by the linear scaling rule.
+    lr_scale: float = 1.0
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 5e-4
@@ -114,6 +119,7 @@ class OptimConfig:
     def validate(self, where: str) -> None:
         _check(self.name in ("sgd", "adam"), where, "name", self.name, "'sgd' or 'adam'")
         _check(self.lr > 0, where, "lr", self.lr, "a value > 0")
+        _check(self.lr_scale > 0, where, "lr_scale", self.lr_scale, "a value > 0")
         _check(0 <= self.momentum < 1, where, "momentum", self.momentum, "a value in [0, 1)")
         _check(self.weight_decay >= 0, where, "weight_decay", self.weight_decay, "a value >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), where, "betas",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from jem.config import AugmentConfig
+from jem.errors import InputError
 
 _STREAM_SALT = 1_000_003
 
@@ -65,7 +66,7 @@ class BatchStream:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if batch_size > images.shape[0]:
-            raise ValueError(f"batch size {batch_size} exceeds the {images.shape[0]} training images")
+            raise InputError(f"batch size {batch_size} exceeds the {images.shape[0]} training images")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device).long()

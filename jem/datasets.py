@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from jem.errors import InputError
+
 
 class DatasetUnavailable(RuntimeError):
     """A dataset is not under the configured root and cannot be downloaded. Message is ONE line."""
@@ -192,11 +194,11 @@ def train_val_split(labels: np.ndarray, val_size: int, seed: int = 0) -> tuple[n
 
 def _check_split(images: np.ndarray, labels: np.ndarray, where: str) -> None:
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{where}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        raise InputError(f"{where}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if labels.dtype != np.int64 or labels.ndim != 1:
-        raise ValueError(f"{where}: labels must be int64 (N,), got {labels.dtype} {tuple(labels.shape)}")
+        raise InputError(f"{where}: labels must be int64 (N,), got {labels.dtype} {tuple(labels.shape)}")
     if len(images) != len(labels):
-        raise ValueError(f"{where}: {len(images)} images but {len(labels)} labels")
+        raise InputError(f"{where}: {len(images)} images but {len(labels)} labels")
 
 
 def save_split(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray) -> None:
@@ -225,7 +227,7 @@ def load_split(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         missing = {"images", "labels"} - set(archive.files)
         if missing:
-            raise ValueError(f"{path}: not a saved split, missing arrays {sorted(missing)}")
+            raise InputError(f"{path}: not a saved split, missing arrays {sorted(missing)}")
         images, labels = archive["images"], archive["labels"]
     _check_split(images, labels, str(path))
     return images, labels

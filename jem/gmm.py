@@ -19,6 +19,7 @@ import torch
 
 from jem.checkpoint import atomic_torch_save
 from jem.data import to_unit_range
+from jem.errors import InputError
 
 
 @dataclass
@@ -54,17 +55,17 @@ def compute_mixture_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             outer = torch.zeros(num_classes, dim, dim, dtype=torch.float64, device=flat.device)
         y = y.to(flat.device)
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+            raise InputError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
         for c in torch.unique(y).tolist():
             xc = flat[y == c]
             counts[c] += xc.shape[0]
             sums[c] += xc.sum(0)
             outer[c].addmm_(xc.T, xc)
     if sums is None or outer is None:
-        raise ValueError("no data: the mixture statistics need at least one batch")
+        raise InputError("no data: the mixture statistics need at least one batch")
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"classes {missing} have no training images; cannot fit their Gaussian")
+        raise InputError(f"classes {missing} have no training images; cannot fit their Gaussian")
     n = counts.to(sums.device).double()
     means = sums / n[:, None]
     covs = outer / n[:, None, None] - means[:, :, None] * means[:, None, :]
@@ -79,11 +80,17 @@ def save_mixture_stats(stats: MixtureStats, path: str | os.PathLike[str]) -> Non
 
 
 def load_mixture_stats(path: str | os.PathLike[str]) -> MixtureStats:
-    d = torch.load(Path(path), map_location="cpu", weights_only=True)
-    stats = MixtureStats(counts=d["counts"], means=d["means"], covs=d["covs"], shape=tuple(d["shape"]))
+    try:
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        stats = MixtureStats(counts=d["counts"], means=d["means"], covs=d["covs"], shape=tuple(d["shape"]))
+    except FileNotFoundError:
+        raise InputError(f"{path} not found: it is written by the gmm stage (dvc repro gmm)") from None
+    except Exception as exc:  # truncated, not a torch file, missing keys
+        raise InputError(f"{path}: not readable as mixture statistics ({type(exc).__name__}); "
+                         "rerun the gmm stage (dvc repro -f gmm)") from None
     c, dim = stats.means.shape
     if stats.counts.shape != (c,) or stats.covs.shape != (c, dim, dim) or math.prod(stats.shape) != dim:
-        raise ValueError(f"{path}: inconsistent mixture statistics (counts {tuple(stats.counts.shape)}, "
+        raise InputError(f"{path}: inconsistent mixture statistics (counts {tuple(stats.counts.shape)}, "
                          f"means {tuple(stats.means.shape)}, covs {tuple(stats.covs.shape)}, "
                          f"image shape {stats.shape}); rerun the gmm stage")
     return stats
@@ -122,7 +129,7 @@ class GaussianMixture:
         for c in range(self.num_classes):  # float64 factorisation, one class at a time
             factor, info = torch.linalg.cholesky_ex(stats.covs[c].double() + jitter * eye)
             if int(info) != 0:
-                raise ValueError(f"class {c}: covariance + {jitter} I is not positive definite; "
+                raise InputError(f"class {c}: covariance + {jitter} I is not positive definite; "
                                  "raise buffer.gmm_jitter")
             factors[c] = factor.float()
         self.factors = factors.to(device)

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_fid import inception as pfi
-from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import nn
 from tqdm.auto import tqdm
 
 from jem.data import to_unit_range
+from jem.errors import InputError
 
-FID_WEIGHTS_URL = pfi.FID_WEIGHTS_URL
+# pytorch_fid.inception.FID_WEIGHTS_URL (pytorch-fid and torchvision are imported only where the
+# network is built: they cost seconds at start-up, and most runs of the fid stages need neither)
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
 FEATURE_DIM = 2048
@@ -48,6 +49,8 @@ class InceptionUnavailable(RuntimeError):
 
 def fid_inception_architecture() -> nn.Module:
     """pytorch-fid's FID Inception-v3, randomly initialised (no download)."""
+    from pytorch_fid import inception as pfi
+
     net = pfi._inception_v3(num_classes=NUM_LOGITS, aux_logits=False, weights=None)
     net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
@@ -164,22 +167,30 @@ class GaussianStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GaussianStats:
-        with np.load(path) as f:
-            stats = cls(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]))
+        try:
+            with np.load(path) as f:
+                stats = cls(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]))
+        except FileNotFoundError:
+            raise InputError(f"{path} not found: it is written by the fid_ref stage") from None
+        except Exception as exc:
+            raise InputError(f"{path}: not readable as Inception statistics ({type(exc).__name__}); "
+                             "rerun the fid_ref stage") from None
         d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
         if stats.mu.ndim != 1 or stats.sigma.shape != (d, d):
-            raise ValueError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} are not a mean and "
+            raise InputError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} are not a mean and "
                              "covariance of one dimension; rerun the fid_ref stage")
         return stats
 
 
 def feature_stats(features: np.ndarray) -> GaussianStats:
     if len(features) < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
+        raise InputError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
     return GaussianStats(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features))
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
@@ -189,7 +200,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     """IS mean and standard deviation over ``splits`` equal parts of the samples."""
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) < splits:
-        raise ValueError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
+        raise InputError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
     log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # log softmax
     scores = []
     for part in np.array_split(log_p, splits):

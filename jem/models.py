@@ -16,6 +16,7 @@ from torch import nn
 
 from jem.checkpoint import atomic_torch_save
 from jem.config import ModelConfig
+from jem.errors import InputError
 
 
 def _norm(channels: int, cfg: ModelConfig) -> nn.Module:
@@ -135,8 +136,17 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     """The model (eval mode, on ``device``) and the whole saved payload (``variant`` included)."""
     from jem.config import Variant
 
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    variant = Variant.from_dict(payload["variant"], where=f"{path}:variant")
-    model = build_model(variant.model)
-    model.load_state_dict(payload["model"])
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        variant = Variant.from_dict(payload["variant"], where=f"{path}:variant")
+        model = build_model(variant.model)
+        model.load_state_dict(payload["model"])
+    except FileNotFoundError:
+        raise InputError(f"{path} not found: it is written by the train stage") from None
+    except InputError:
+        raise
+    except Exception as exc:  # truncated file, other architecture, missing keys
+        reason = " ".join(str(exc).split())[:160]
+        raise InputError(f"{path}: not readable as trained weights ({type(exc).__name__}: {reason}); "
+                         "rerun its train stage") from None
     return model.to(device).eval(), payload

@@ -97,6 +97,10 @@ def selected_variants(params: dict[str, Any]) -> list[str]:
 
 
 def stage_section(params: dict[str, Any], stage: str, scale: str | None = None) -> dict[str, Any]:
-    """A stage's section (``sample``, ``evaluate``...) with the scale's overrides merged in."""
-    scale = scale_name(params, scale)
-    return deep_merge(params.get(stage) or {}, (params["scales"][scale] or {}).get(stage) or {})
+    """A stage's section (``sample``, ``evaluate``...) with the scale's overrides merged in,
+    checked against its schema (``jem.settings``) and completed with the defaults."""
+    import dataclasses
+
+    from jem.settings import section
+
+    return dataclasses.asdict(section(params, stage, scale_name(params, scale)))

@@ -30,6 +30,7 @@ from jem.buffer import ReplayBuffer
 from jem.checkpoint import atomic_torch_save, capture_rng, restore_rng, seed_everything
 from jem.config import OptimConfig, Variant
 from jem.data import BatchStream
+from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
 from jem.models import WideResNet, build_model
 from jem.objectives import jem_loss
@@ -68,12 +69,13 @@ class LRFactor:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, SAM | None]:
     params = list(model.parameters())
+    lr = cfg.lr * cfg.lr_scale
     base: torch.optim.Optimizer
     if cfg.name == "sgd":
-        base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        base = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     else:
-        base = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        base = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sam = SAM(base, rho=cfg.rho, adaptive=cfg.sam == "asam") if cfg.sam != "none" else None
     return base, sam
 
@@ -83,10 +85,10 @@ def build_p0(variant: Variant, shape: tuple[int, ...], mixture: MixtureStats | N
     if variant.buffer.init == "uniform":
         return UniformInit(shape, variant.model.num_classes)
     if mixture is None:
-        raise ValueError(f"variant {variant.name!r} uses buffer.init = gmm but no mixture statistics "
+        raise InputError(f"variant {variant.name!r} uses buffer.init = gmm but no mixture statistics "
                          "were given; run the gmm stage (or pass mixture=...)")
     if mixture.num_classes != variant.model.num_classes or tuple(mixture.shape) != tuple(shape):
-        raise ValueError(f"mixture statistics are for {mixture.num_classes} classes of shape "
+        raise InputError(f"mixture statistics are for {mixture.num_classes} classes of shape "
                          f"{tuple(mixture.shape)}, the variant trains {variant.model.num_classes} classes "
                          f"of shape {tuple(shape)}; recompute them for this dataset")
     return GaussianMixture(mixture, jitter=variant.buffer.gmm_jitter, device=device)
@@ -102,7 +104,7 @@ class Trainer:
         shape = tuple(images.shape[1:])
         m = variant.model
         if shape != (m.in_channels, m.image_size, m.image_size):
-            raise ValueError(f"images have shape {shape}, the model expects "
+            raise InputError(f"images have shape {shape}, the model expects "
                              f"{(m.in_channels, m.image_size, m.image_size)}")
         seed_everything(variant.train.seed)
         self.model: WideResNet = build_model(variant.model).to(self.device)

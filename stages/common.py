@@ -41,6 +41,9 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
         raise StageError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(params, dict):
         raise StageError(f"{path}: expected a mapping at the top level")
+    from jem.settings import validate_params
+
+    validate_params(params)  # the whole file, before any stage touches its outputs
     return params
 
 
@@ -65,12 +68,12 @@ def setup_run(params: dict[str, Any]) -> torch.device:
 
 def main_guard(fn: Callable[[], None]) -> None:
     """Run a stage; a user-fixable error becomes one line on stderr and exit status 2."""
-    from jem.config import ConfigError
     from jem.datasets import DatasetUnavailable
+    from jem.errors import InputError
 
     try:
         fn()
-    except (StageError, ConfigError, DatasetUnavailable, FileNotFoundError) as exc:
+    except (StageError, InputError, DatasetUnavailable, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -94,8 +94,8 @@ def main() -> None:
                                     [e / 255 for e in radii] if norm == "linf" else radii, int(bpda["steps"]),
                                     eot=int(bpda.get("eot", 1)), chains=int(bpda.get("chains", 1)),
                                     input_noise=float(bpda.get("input_noise", 0.0)),
-                                    rel_stepsize=bpda.get("rel_stepsize", rel),
-                                    batch_size=int(bpda.get("batch_size", batch)), device=device)
+                                    rel_stepsize=bpda.get("rel_stepsize") or rel,
+                                    batch_size=int(bpda.get("batch_size") or batch), device=device)
             metrics["bpda"] = {"status": "ok", "norm": norm, "images": nb,
                                **{_radius_key(norm, e): a for e, a in zip(radii, acc, strict=True)}}
             rows += [(f"BPDA+EOT {norm}", norm, e, a) for e, a in zip(radii, acc, strict=True)]

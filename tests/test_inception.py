@@ -83,3 +83,9 @@ def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(InceptionUnavailable) as info:
         load_fid_inception(tmp_path / "w.pth", download=True)
     assert "\n" not in str(info.value) and "download of https://github.com" in str(info.value)
+
+
+def test_weights_url_is_pytorch_fids():
+    from jem.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
+
+    assert FID_WEIGHTS_URL == pfi.FID_WEIGHTS_URL and FID_WEIGHTS_SHA256_PREFIX in pfi.FID_WEIGHTS_URL

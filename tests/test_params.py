@@ -49,9 +49,14 @@ def test_paper_scale_matches_the_papers():
 
 
 def test_demo_shrinks_the_model_but_keeps_the_method():
-    demo, paper = (resolve_variant(PARAMS, "sadajem_k5", s) for s in ("demo", "paper"))
-    assert (demo.model.depth, demo.model.width) == (10, 1)
-    assert demo.sampler == paper.sampler and demo.optim == paper.optim and demo.objective == paper.objective
+    for name in PARAMS["methods"]:
+        demo, paper = (resolve_variant(PARAMS, name, s) for s in ("demo", "paper"))
+        assert (demo.model.depth, demo.model.width) == (10, 1)
+        assert demo.sampler == paper.sampler and demo.objective == paper.objective
+        # the schedule's length and the batch change with the scale; the method's optimizer does not
+        same = ("name", "lr", "momentum", "nesterov", "weight_decay", "betas", "sam", "rho", "schedule", "gamma")
+        assert all(getattr(demo.optim, k) == getattr(paper.optim, k) for k in same), name
+        assert paper.optim.lr_scale == 1.0 and paper.optim.warmup_iters == 1000
 
 
 def test_published_rows_name_defined_variants():

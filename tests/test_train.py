@@ -93,6 +93,8 @@ def test_trainer_drives_the_base_optimizer_lr(tiny_data):
     for _ in range(4):
         lrs.append(trainer.train_step()["lr"].item())
     assert lrs == pytest.approx([0.05 / 3, 0.1 / 3, 0.05, 0.05])
+    scaled = Trainer(tiny_variant(optim={"lr_scale": 0.25, "warmup_iters": 0}), *tiny_data)
+    assert scaled.train_step()["lr"].item() == pytest.approx(0.05 * 0.25)
 
 
 FAMILIES = {
