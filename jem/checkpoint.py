@@ -1,15 +1,24 @@
-"""Atomic save/load and the random-number-generator state that exact resume needs."""
+"""Atomic, checksummed save/load and the random-number-generator state that exact resume needs."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from jem.errors import InputError
+
+
+class CorruptCheckpoint(InputError):
+    """A checkpoint file that fails its checksum (truncated, corrupted, or not a checkpoint)."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -55,3 +64,95 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ---- checksummed checkpoints ------------------------------------------------------------------
+# A checkpoint file is MAGIC + sha256(payload) + payload, the payload being torch.save's bytes,
+# so a truncated or corrupted file is told apart from a good one before anything is loaded.
+MAGIC = b"JEMCKPT\x01"
+_HEADER = len(MAGIC) + 32
+
+
+def save_verified(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` with a checksum header, written atomically (temp file + fsync + rename)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getbuffer()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(MAGIC)
+            fh.write(hashlib.sha256(payload).digest())
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_verified(path: str | os.PathLike[str]) -> Any:
+    """The object ``save_verified`` wrote; ``CorruptCheckpoint`` if the file is not intact."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < _HEADER or not data.startswith(MAGIC):
+        raise CorruptCheckpoint(f"{path}: not a jem checkpoint or its header is cut ({len(data)} bytes)")
+    payload = memoryview(data)[_HEADER:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC):_HEADER]:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch ({len(data)} bytes): truncated or corrupted")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+class CheckpointDir:
+    """The last ``keep`` checkpoints of a run, ``step-<step>.pt``, newest used first.
+
+    ``latest()`` skips (and reports through ``log``) any file that fails its checksum and
+    falls back to the one before it, so a crash mid-write or a damaged disk costs at most the
+    steps since the previous checkpoint.
+    """
+
+    PATTERN = "step-*.pt"
+
+    def __init__(self, folder: str | os.PathLike[str], keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        return sorted(self.folder.glob(self.PATTERN), key=lambda p: int(p.stem.split("-")[1]))
+
+    def save(self, state: Any, step: int) -> Path:
+        path = self.folder / f"step-{step:09d}.pt"
+        save_verified(state, path)
+        for old in self.paths()[:-self.keep]:
+            old.unlink()
+        return path
+
+    def latest(self, log: Callable[[str], None] = print) -> tuple[Any, Path] | None:
+        """The newest intact checkpoint and its path, or None when there is none."""
+        for path in reversed(self.paths()):
+            try:
+                return load_verified(path), path
+            except CorruptCheckpoint as exc:
+                log(f"{exc}; falling back to the checkpoint before it")
+        return None
+
+    def set_aside(self, reason: str, log: Callable[[str], None] = print) -> None:
+        """Move every checkpoint to ``stale/`` (replacing what was there): kept, never resumed from."""
+        paths = self.paths()
+        if not paths:
+            return
+        stale = self.folder / "stale"
+        if stale.exists():
+            for old in stale.glob(self.PATTERN):
+                old.unlink()
+        stale.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.replace(path, stale / path.name)
+        log(f"{reason}; moved {len(paths)} checkpoint(s) to {stale} and starting over")

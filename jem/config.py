@@ -171,11 +171,45 @@ class TrainConfig:
     seed: int = 1
     log_every: int = 50  # iterations between metric read-outs (host syncs)
     checkpoint_every: int = 1000  # iterations between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept (an older one is used if the newest is damaged)
 
     def validate(self, where: str) -> None:
-        for key in ("epochs", "batch_size", "px_batch_size", "log_every", "checkpoint_every"):
+        for key in ("epochs", "batch_size", "px_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, key)
             _check(value >= 1, where, key, value, "an integer >= 1")
+
+
+REMEDIES = ("reseed", "lower_lr", "more_steps")
+
+
+@dataclass
+class RecoveryConfig:
+    """What to do when training diverges (non-finite loss, exploding energies, saturated samples).
+
+    The run rolls back to its last good checkpoint and applies ``remedies`` one per retry, in
+    order and cumulatively (the last one repeats once the list is used up): ``reseed`` draws
+    new random numbers, ``lower_lr`` multiplies the learning rate by ``lr_factor``,
+    ``more_steps`` multiplies the sampler's steps by ``steps_factor`` (what the JEM authors
+    did by hand). After ``max_retries`` retries the run stops. None of this changes a run
+    that does not diverge, so a checkpoint resumes whatever these settings are.
+    """
+
+    max_retries: int = 3
+    remedies: list[str] = field(default_factory=lambda: list(REMEDIES))
+    lr_factor: float = 0.5
+    steps_factor: float = 2.0
+    energy_limit: float = 1e4  # |mean E(x)| of data or samples beyond this: exploding energies
+    saturation_limit: float = 0.98  # fraction of sample pixels at (or beyond) the [-1, 1] box edge
+
+    def validate(self, where: str) -> None:
+        _check(self.max_retries >= 0, where, "max_retries", self.max_retries, "an integer >= 0")
+        _check(bool(self.remedies) and all(r in REMEDIES for r in self.remedies), where, "remedies",
+               self.remedies, f"a non-empty list of {', '.join(REMEDIES)}")
+        _check(0 < self.lr_factor < 1, where, "lr_factor", self.lr_factor, "a factor in (0, 1)")
+        _check(self.steps_factor > 1, where, "steps_factor", self.steps_factor, "a factor > 1")
+        _check(self.energy_limit > 0, where, "energy_limit", self.energy_limit, "a value > 0")
+        _check(0 < self.saturation_limit <= 1, where, "saturation_limit", self.saturation_limit,
+               "a fraction in (0, 1]")
 
 
 @dataclass
@@ -192,6 +226,7 @@ class Variant:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "variant") -> Variant:

@@ -18,6 +18,7 @@ every RNG state, the variant), so a run restored from it continues bit-identical
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -27,8 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from jem.buffer import ReplayBuffer
-from jem.checkpoint import atomic_torch_save, capture_rng, restore_rng, seed_everything
-from jem.config import OptimConfig, Variant
+from jem.checkpoint import capture_rng, load_verified, restore_rng, save_verified, seed_everything
+from jem.config import OptimConfig, SamplerConfig, Variant
 from jem.data import BatchStream
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
@@ -39,11 +40,17 @@ from jem.samplers import frozen_bn_stats, sample
 
 CHECKPOINT_FORMAT = 1
 # Keys that may change between a checkpoint and its resume without changing the run.
-_RESUME_FREE_KEYS = {("train", "log_every"), ("train", "checkpoint_every")}
+_RESUME_FREE_KEYS = {("train", "log_every"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
+                     ("recovery",)}
 
 
 class DivergenceError(RuntimeError):
-    """The loss became non-finite."""
+    """Training diverged: non-finite loss, exploding energies or saturated samples."""
+
+    def __init__(self, message: str, step: int, reason: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.reason = reason
 
 
 class LRFactor:
@@ -126,6 +133,8 @@ class Trainer:
             p0 = build_p0(variant, shape, mixture, self.device)
             self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, self.device)
         self.step = 0
+        self.sampler_cfg = variant.sampler  # the variant's sampler, with any recovery remedy applied
+        self.remedies: list[str] = []
 
     @property
     def epoch(self) -> int:
@@ -146,7 +155,7 @@ class Trainer:
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
             x0, idx, starts = self.buffer.draw(v.train.px_batch_size)
-            x_neg = sample(self.model, x0, v.sampler)
+            x_neg = sample(self.model, x0, self.sampler_cfg)
             self.buffer.update(idx, x_neg, starts)
         self.model.train()
         loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
@@ -162,6 +171,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if x_neg is not None:  # share of sample pixels at (or past) the edge of the image box
+            stats["saturation"] = (x_neg.detach().abs() >= 0.999).float().mean()
         stats["lr"] = torch.tensor(self.lr)
         self.scheduler.step()
         self.step += 1
@@ -171,7 +182,12 @@ class Trainer:
             on_log: Callable[[int, dict[str, float]], None] | None = None,
             on_checkpoint: Callable[[Trainer], None] | None = None,
             progress: bool = True) -> dict[str, float]:
-        """Train until step ``until`` (default: the variant's epochs); returns the last averages."""
+        """Train until step ``until`` (default: the variant's epochs); returns the last averages.
+
+        Statistics are read out (one host sync) every ``train.log_every`` steps and before each
+        checkpoint, and checked for divergence then, so a checkpoint never holds a run whose
+        last steps diverged. Divergence raises ``DivergenceError``.
+        """
         until = self.total_steps if until is None else until
         t = self.variant.train
         sums: dict[str, torch.Tensor] = {}
@@ -179,29 +195,72 @@ class Trainer:
         last: dict[str, float] = {}
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc=self.variant.name,
                    unit="it", dynamic_ncols=True)
-        while self.step < until:
-            stats = self.train_step()
-            for k, val in stats.items():
-                sums[k] = sums[k] + val if k in sums else val.clone()
-            count += 1
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == until:
-                keys = list(sums)
-                values = torch.stack([sums[k].float().cpu() for k in keys]).div(count).tolist()
-                last = dict(zip(keys, values, strict=True))
-                last["lr"] = sums["lr"].item() / count
-                sums, count = {}, 0
-                if not math.isfinite(last["loss"]):
-                    bar.close()
-                    raise DivergenceError(f"{self.variant.name}: non-finite loss at step {self.step} "
-                                          f"(epoch {self.epoch}); last statistics {last}")
-                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "acc_train") if k in last})
-                if on_log is not None:
-                    on_log(self.step, last)
-            if on_checkpoint is not None and (self.step % t.checkpoint_every == 0 or self.step == until):
-                on_checkpoint(self)
-        bar.close()
+        try:
+            while self.step < until:
+                stats = self.train_step()
+                for k, val in stats.items():
+                    sums[k] = sums[k] + val if k in sums else val.clone()
+                count += 1
+                bar.update(1)
+                checkpoint_due = on_checkpoint is not None and (self.step % t.checkpoint_every == 0
+                                                                or self.step == until)
+                if self.step % t.log_every == 0 or self.step == until or checkpoint_due:
+                    keys = list(sums)
+                    values = torch.stack([sums[k].float().cpu() for k in keys]).div(count).tolist()
+                    last = dict(zip(keys, values, strict=True))
+                    sums, count = {}, 0
+                    problem = self.divergence(last)
+                    if problem:
+                        raise DivergenceError(f"{self.variant.name}: {problem} at step {self.step} (epoch "
+                                              f"{self.epoch})", self.step, problem)
+                    bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "acc_train") if k in last})
+                    if on_log is not None:
+                        on_log(self.step, last)
+                if checkpoint_due:
+                    on_checkpoint(self)  # type: ignore[misc]
+        finally:
+            bar.close()
         return last
+
+    def divergence(self, stats: dict[str, float]) -> str | None:
+        """What is wrong with these averaged statistics, or None when training is healthy."""
+        r = self.variant.recovery
+        if not all(math.isfinite(v) for v in stats.values()):
+            bad = [k for k, v in stats.items() if not math.isfinite(v)]
+            return f"non-finite {', '.join(bad)}"
+        for key in ("energy_pos", "energy_neg"):
+            if abs(stats.get(key, 0.0)) > r.energy_limit:
+                return f"exploding energy ({key} = {stats[key]:.3g}, limit {r.energy_limit:g})"
+        if stats.get("saturation", 0.0) > r.saturation_limit:
+            return (f"saturated samples ({100 * stats['saturation']:.1f}% of pixels at the box edge, "
+                    f"limit {100 * r.saturation_limit:g}%)")
+        return None
+
+    def planned_remedy(self, attempt: int) -> str:
+        """The remedy of the ``attempt``-th retry (1-based): the list in order, the last repeating."""
+        remedies = self.variant.recovery.remedies
+        return remedies[min(attempt, len(remedies)) - 1]
+
+    def apply_remedy(self, name: str) -> None:
+        """Change the run as a recovery remedy does (recorded in the checkpoints from now on)."""
+        r = self.variant.recovery
+        if name == "reseed":
+            seed_everything(self.variant.train.seed + 7919 * (len(self.remedies) + 1))
+        elif name == "lower_lr":
+            self.scheduler.base_lrs = [lr * r.lr_factor for lr in self.scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = group.get("initial_lr", group["lr"]) * r.lr_factor
+                group["lr"] *= r.lr_factor
+        elif name == "more_steps":
+            pass  # derived from the remedy list below
+        else:
+            raise ValueError(f"unknown remedy {name!r}")
+        self.remedies.append(name)
+        self.sampler_cfg = self._sampler_with(self.remedies)
+
+    def _sampler_with(self, remedies: list[str]) -> SamplerConfig:
+        factor = self.variant.recovery.steps_factor ** remedies.count("more_steps")
+        return dataclasses.replace(self.variant.sampler, steps=math.ceil(self.variant.sampler.steps * factor))
 
     # ---- whole training state -------------------------------------------------------------
     def state_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -216,6 +275,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "rng": capture_rng(),
+            "remedies": list(self.remedies),
             "extra": extra or {},
         }
 
@@ -233,21 +293,24 @@ class Trainer:
         if self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])
         self.step = int(state["step"])
+        self.remedies = list(state.get("remedies", []))
+        self.sampler_cfg = self._sampler_with(self.remedies)
         restore_rng(state["rng"])
         return state.get("extra") or {}
 
     def save_checkpoint(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
-        atomic_torch_save(self.state_dict(extra), path)
+        """The whole training state, checksummed, written atomically."""
+        save_verified(self.state_dict(extra), path)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        return self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        return self.load_state_dict(load_verified(path))
 
 
 def _variant_diff(a: dict[str, Any], b: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
     out: list[str] = []
     for key in sorted(set(a) | set(b)):
         path = (*prefix, key)
-        if path in _RESUME_FREE_KEYS:
+        if path in _RESUME_FREE_KEYS or path[:1] in _RESUME_FREE_KEYS:
             continue
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):

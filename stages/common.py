@@ -66,16 +66,20 @@ def setup_run(params: dict[str, Any]) -> torch.device:
     return pick_device(str(run.get("device", "auto")))
 
 
-def main_guard(fn: Callable[[], None]) -> None:
-    """Run a stage; a user-fixable error becomes one line on stderr and exit status 2."""
+def main_guard(fn: Callable[[], None], exit_codes: dict[type[BaseException], int] | None = None) -> None:
+    """Run a stage; a user-fixable error becomes one line on stderr and exit status 2
+    (``exit_codes`` adds other one-line failures with their own status)."""
     from jem.datasets import DatasetUnavailable
     from jem.errors import InputError
 
+    codes: dict[type[BaseException], int] = {StageError: 2, InputError: 2, DatasetUnavailable: 2,
+                                             FileNotFoundError: 2, **(exit_codes or {})}
     try:
         fn()
-    except (StageError, InputError, DatasetUnavailable, FileNotFoundError) as exc:
+    except tuple(codes) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = next(c for t, c in codes.items() if isinstance(exc, t))
+        raise SystemExit(code) from None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -154,9 +158,13 @@ class StageRun:
 @contextlib.contextmanager
 def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any]) -> Iterator[StageRun]:
     """Start the MLflow run named after the DVC stage (e.g. ``train@sadajem_k5``)."""
+    import logging
+
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
+    for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every first run
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     root = tracking_root()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     scale = str(params.get("scale", "demo"))

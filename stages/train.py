@@ -1,13 +1,19 @@
-"""DVC stage `train@<variant>`: train one variant, resumable from its last checkpoint.
+"""DVC stage `train@<variant>`: train one variant, resumable, recovering from divergence.
 
     python -m stages.train --variant sadajem_k5 --data data/demo --gmm gmm/demo \
         --out models/demo/sadajem_k5 --metrics metrics/demo/train/sadajem_k5.json \
         --plots plots/demo/train/sadajem_k5 --checkpoints checkpoints/demo/sadajem_k5
 
 Checkpoints (``--checkpoints``, not a DVC output, so DVC never deletes them) hold the whole
-training state and are written every ``train.checkpoint_every`` iterations and at each
-epoch end; rerunning an interrupted stage continues from the last one. A checkpoint written
-for different params is set aside (``stale.pt``) and training starts over.
+training state, checksummed; they are written every ``train.checkpoint_every`` iterations and
+at each epoch end, the newest ``train.keep_checkpoints`` kept. Rerunning an interrupted stage
+continues from the newest intact one (a damaged file is reported and the one before it used).
+Checkpoints written for different params are set aside (``stale/``) and training starts over.
+
+When training diverges (``jem.train.Trainer.divergence``), the run rolls back to its last good
+checkpoint and applies the variant's ``recovery`` remedies, each event logged here and to
+MLflow; once ``recovery.max_retries`` retries are spent the stage exits with status 3 and the
+last good checkpoint stays.
 
 Outputs: ``final.pt`` (weights, variant, final replay buffer) and ``best_val.pt`` (weights
 with the best validation accuracy) in ``--out``; training metrics JSON; learning curves
@@ -19,42 +25,47 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jem.checkpoint import CheckpointDir
 from jem.datasets import load_split
 from jem.gmm import load_mixture_stats
 from jem.metrics import accuracy, calibration, predict_logits
 from jem.models import save_model
 from jem.params import resolve_variant, variant_dataset
-from jem.train import Trainer
-from stages.common import load_params, main_guard, mlflow_run, setup_run, write_json
+from jem.train import DivergenceError, Trainer
+from stages.common import building, load_params, main_guard, mlflow_run, setup_run, write_json
 from stages.figures import plot_learning_curves
 
-STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train", "lr")
+STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train",
+               "saturation", "lr")
 
 
-def _tensor(a: Any) -> torch.Tensor:
-    return torch.from_numpy(a)
+class RecoveryExhausted(RuntimeError):
+    """Divergence kept coming back after every configured retry; the message is one line."""
 
 
-def _resume(trainer: Trainer, path: Path) -> dict[str, Any]:
-    if not path.exists():
+def log(message: str) -> None:
+    print(f"[train] {message}", flush=True)
+
+
+def resume(trainer: Trainer, checkpoints: CheckpointDir) -> dict[str, Any]:
+    """Load the newest intact checkpoint into ``trainer``; its extra state ({} when starting over)."""
+    found = checkpoints.latest(log)
+    if found is None:
         return {}
+    state, path = found
     try:
-        extra = trainer.load_checkpoint(path)
-    except ValueError as exc:
-        stale = path.with_name("stale.pt")
-        os.replace(path, stale)
-        print(f"[train] {path}: {exc}; moved it to {stale} and starting over")
+        extra = trainer.load_state_dict(state)
+    except ValueError as exc:  # written for other params
+        checkpoints.set_aside(f"{path}: {exc}", log)
         return {}
-    print(f"[train] resumed from {path} at step {trainer.step} (epoch {trainer.epoch})")
+    log(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch})")
     return extra
 
 
@@ -75,27 +86,31 @@ def main() -> None:
     role = variant_dataset(params, name)
     meta = json.loads((args.data / role / "meta.json").read_text())
     variant = resolve_variant(params, name, num_classes=int(meta["num_classes"]))
-    x, y = (_tensor(a) for a in load_split(args.data / role / "train.npz"))
+    x, y = (torch.from_numpy(a) for a in load_split(args.data / role / "train.npz"))
     val = None
     if (args.data / role / "val.npz").exists():
-        val = tuple(_tensor(a) for a in load_split(args.data / role / "val.npz"))
+        val = tuple(torch.from_numpy(a) for a in load_split(args.data / role / "val.npz"))
     mixture = load_mixture_stats(args.gmm / role / "stats.pt") if variant.buffer.init == "gmm" else None
     val_every = int(params.get("train", {}).get("val_every", 1))
+    checkpoints = CheckpointDir(args.checkpoints, keep=variant.train.keep_checkpoints)
+    best_path = args.checkpoints / "best_val.pt"
 
-    trainer = Trainer(variant, x, y, mixture=mixture, device=device)
-    ckpt = args.checkpoints / "last.pt"
-    extra = _resume(trainer, ckpt)
+    def new_trainer() -> Trainer:
+        return Trainer(variant, x, y, mixture=mixture, device=device)
+
+    trainer = new_trainer()
+    extra = resume(trainer, checkpoints)
     steps_log: list[dict[str, float]] = extra.get("steps_log", [])
     val_log: list[dict[str, float]] = extra.get("val_log", [])
     best: dict[str, Any] = extra.get("best", {"val_acc": -1.0, "epoch": -1})
+    events: list[dict[str, Any]] = extra.get("recovery_events", [])
     seconds = float(extra.get("seconds", 0.0))
-    best_path = args.checkpoints / "best_val.pt"
-
     start = time.perf_counter()
 
     def state() -> dict[str, Any]:
         elapsed = seconds + time.perf_counter() - start
-        return {"steps_log": steps_log, "val_log": val_log, "best": best, "seconds": elapsed}
+        return {"steps_log": steps_log, "val_log": val_log, "best": best, "seconds": elapsed,
+                "recovery_events": events}
 
     tags = {"variant": name, "family": variant.family, "dataset": role, "source": meta["source"]}
     with mlflow_run(f"train@{name}", params, tags) as run:
@@ -109,12 +124,45 @@ def main() -> None:
 
         def on_checkpoint(t: Trainer) -> None:
             if t.step % t.iters_per_epoch:  # epoch ends are saved below, after validation
-                t.save_checkpoint(ckpt, extra=state())
+                checkpoints.save(t.state_dict(extra=state()), t.step)
+
+        def recover(exc: DivergenceError) -> Trainer:
+            """Roll back to the last good checkpoint and apply the next remedy, or give up."""
+            nonlocal steps_log, val_log, best
+            attempt = len(events) + 1
+            if attempt > variant.recovery.max_retries:
+                found = checkpoints.paths()
+                kept = f"last good checkpoint kept: {found[-1]}" if found else "no checkpoint was written"
+                raise RecoveryExhausted(f"{exc} after {len(events)} recovery retries "
+                                        f"(recovery.max_retries = {variant.recovery.max_retries}); {kept}") from None
+            fresh = new_trainer()
+            found = checkpoints.latest(log)
+            restored = fresh.load_state_dict(found[0]) if found is not None else {}
+            steps_log = restored.get("steps_log", [])
+            val_log = restored.get("val_log", [])
+            best = restored.get("best", {"val_acc": -1.0, "epoch": -1})
+            planned = [fresh.planned_remedy(k) for k in range(1, attempt + 1)]
+            for remedy in planned[len(fresh.remedies):]:  # remedies accumulate over retries
+                fresh.apply_remedy(remedy)
+            event = {"attempt": attempt, "step": exc.step, "reason": exc.reason, "remedy": planned[-1],
+                     "resumed_from_step": fresh.step, "remedies": list(fresh.remedies),
+                     "sampler_steps": fresh.sampler_cfg.steps, "lr": fresh.lr}
+            events.append(event)
+            log(f"diverged at step {exc.step}: {exc.reason}; retry {attempt}/{variant.recovery.max_retries}: "
+                f"{planned[-1]}, resuming from step {fresh.step} (remedies so far: {', '.join(fresh.remedies)})")
+            run.set_tags({f"recovery.{attempt}": f"step {exc.step}: {exc.reason}; {planned[-1]}; "
+                                                  f"resumed from step {fresh.step}"})
+            run.log_metrics({"recovery/retries": attempt, "recovery/diverged_at": exc.step}, step=exc.step)
+            return fresh
 
         start = time.perf_counter()
         while trainer.step < trainer.total_steps:
             epoch_end = (trainer.epoch + 1) * trainer.iters_per_epoch
-            trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint)
+            try:
+                trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint)
+            except DivergenceError as exc:
+                trainer = recover(exc)
+                continue
             epoch = trainer.epoch
             if val is not None and (epoch % val_every == 0 or trainer.step == trainer.total_steps):
                 logits = predict_logits(trainer.model, val[0], device=device)
@@ -122,34 +170,26 @@ def main() -> None:
                        "val_ece": calibration(logits, val[1]).ece}
                 val_log.append(row)
                 run.log_metrics({"val/acc": row["val_acc"], "val/ece": row["val_ece"]}, step=trainer.step)
-                print(f"[train] {name} epoch {epoch}: val acc {row['val_acc']:.4f}")
+                log(f"{name} epoch {epoch}: val acc {row['val_acc']:.4f}")
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch, "step": trainer.step}
                     save_model(best_path, trainer.model, variant.to_dict(), **best)
             seconds += time.perf_counter() - start
             start = time.perf_counter()
-            trainer.save_checkpoint(ckpt, extra=state())
+            checkpoints.save(trainer.state_dict(extra=state()), trainer.step)
 
         # ---- outputs, built beside the target and swapped in ------------------------------
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.", dir=args.out.parent))
-        try:
+        with building(args.out) as tmp:
             buffer = trainer.buffer.state_dict() if trainer.buffer is not None else None
             save_model(tmp / "final.pt", trainer.model, variant.to_dict(), buffer=buffer,
-                       step=trainer.step, epoch=trainer.epoch, dataset=role)
+                       step=trainer.step, epoch=trainer.epoch, dataset=role, remedies=trainer.remedies)
             if best_path.exists():
                 shutil.copyfile(best_path, tmp / "best_val.pt")
-            if args.out.exists():
-                shutil.rmtree(args.out)
-            tmp.rename(args.out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
-        args.plots.mkdir(parents=True, exist_ok=True)
-        _write_csv(args.plots / "steps.csv", steps_log, STEP_FIELDS)
-        _write_csv(args.plots / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
-        plot_learning_curves(steps_log, val_log, args.plots / "curves.png", title=f"train@{name}")
+        with building(args.plots) as tmp:
+            _write_csv(tmp / "steps.csv", steps_log, STEP_FIELDS)
+            _write_csv(tmp / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
+            plot_learning_curves(steps_log, val_log, tmp / "curves.png", title=f"train@{name}")
         last = steps_log[-1] if steps_log else {}
         metrics = {
             "steps": trainer.step, "epochs": trainer.epoch, "train_seconds": round(seconds, 2),
@@ -158,11 +198,14 @@ def main() -> None:
             "val_acc": val_log[-1]["val_acc"] if val_log else None,
             "val_acc_best": best["val_acc"] if best["epoch"] >= 0 else None,
             "best_epoch": best["epoch"] if best["epoch"] >= 0 else None,
+            "recovery_retries": len(events), "remedies": ",".join(trainer.remedies) or "none",
         }
         write_json(args.metrics, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(args.plots)
-        print(f"[train] {name}: {trainer.step} steps in {seconds:.0f}s, val acc {metrics['val_acc']}")
+        val_text = f"{metrics['val_acc']:.4f}" if metrics["val_acc"] is not None else "n/a"
+        log(f"{name}: {trainer.step} steps in {seconds:.0f}s, val acc {val_text}"
+            + (f", {len(events)} recoveries ({metrics['remedies']})" if events else ""))
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:
@@ -174,4 +217,4 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) 
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    main_guard(main, {RecoveryExhausted: 3})

@@ -1,0 +1,89 @@
+"""The fid_ref and fid stages compute and store real IS/FID numbers when an Inception network is there.
+
+The published weights cannot be downloaded here, so the network gets random weights; what
+is checked is the stages' plumbing (reference statistics cached, every sample set scored,
+numbers recorded), the metrics themselves being checked in test_eval_metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import stages.fid as fid_stage
+from jem.datasets import save_split
+from jem.inception import FIDInception, GaussianStats, fid_inception_architecture
+
+from .conftest import ROOT
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["scale"] = "tiny"
+    params["scales"]["tiny"]["fid"] = {"reference_max": 24, "batch_size": 8, "splits": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data" / "tiny" / "cifar10"
+    for split, n in (("train", 12), ("val", 4), ("test", 12)):
+        save_split(data / f"{split}.npz", rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                   np.arange(n, dtype=np.int64) % 10)
+    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "counts": {}}))
+    samples = tmp_path / "samples" / "tiny" / "sadajem_k5"
+    samples.mkdir(parents=True)
+    np.savez(samples / "samples.npz", buffer=rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8),
+             fresh=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    (samples / "info.json").write_text(json.dumps({"variant": "sadajem_k5", "dataset": "cifar10",
+                                                   "generative": True}))
+    torch.manual_seed(0)
+    net = fid_inception_architecture()
+    for k, v in net.state_dict().items():  # torchvision leaves this network's weights to the checkpoint
+        if k.endswith("running_var"):
+            v.fill_(1.0)
+        elif v.is_floating_point():
+            v.normal_(0, 0.05)
+    model = FIDInception(net)
+    monkeypatch.setattr(fid_stage, "load_fid_inception", lambda *a, **k: model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def test_reference_then_score_record_real_numbers(workspace: Path):
+    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10")))
+    info = json.loads((workspace / "fid_ref/tiny/cifar10/info.json").read_text())
+    assert info["status"] == "ok" and info["images"] == 24 and info["splits"] == ["train", "val", "test"]
+    ref = GaussianStats.load(workspace / "fid_ref/tiny/cifar10/stats.npz")
+    assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048) and ref.n == 24
+
+    fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
+                                       metrics=Path("metrics/tiny/fid/sadajem_k5.json")))
+    metrics = json.loads((workspace / "metrics/tiny/fid/sadajem_k5.json").read_text())
+    assert metrics["status"] == "ok" and metrics["reference"] == "cifar10 (24 images)"
+    for key, n in (("buffer", 6), ("fresh", 4)):
+        assert metrics[key]["n"] == n
+        assert math.isfinite(metrics[key]["fid"]) and metrics[key]["fid"] >= 0
+        assert 1.0 <= metrics[key]["is"] <= 1008
+
+
+def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypatch: pytest.MonkeyPatch):
+    from jem.inception import InceptionUnavailable
+
+    def missing(*args, **kwargs):
+        raise InceptionUnavailable("Inception weights not found at weights/x.pth; download it")
+
+    monkeypatch.setattr(fid_stage, "load_fid_inception", missing)
+    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10")))
+    assert not (workspace / "fid_ref/tiny/cifar10/stats.npz").exists()
+    fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
+                                       metrics=Path("m.json")))
+    metrics = json.loads((workspace / "m.json").read_text())
+    assert metrics["status"] == "unavailable" and "weights/x.pth" in metrics["reason"]
+    assert set(metrics) == {"variant", "status", "reason"}  # no number at all

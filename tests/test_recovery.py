@@ -1,0 +1,140 @@
+"""Divergence: detected, rolled back to the last good checkpoint, remedied, or given up on with one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import jem.train
+from jem.checkpoint import CheckpointDir
+from jem.datasets import save_split
+from jem.synthetic import make_shapes
+from jem.train import Trainer
+
+from .conftest import ROOT, tiny_variant
+
+
+def test_divergence_signs():
+    trainer = Trainer(tiny_variant(recovery={"energy_limit": 50.0, "saturation_limit": 0.9}),
+                      torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.arange(8) % 4)
+    healthy = {"loss": 1.0, "energy_pos": -3.0, "energy_neg": -2.0, "saturation": 0.1}
+    assert trainer.divergence(healthy) is None
+    assert trainer.divergence({**healthy, "loss": math.nan}) == "non-finite loss"
+    assert "exploding energy (energy_neg = -80" in trainer.divergence({**healthy, "energy_neg": -80.0})
+    assert "saturated samples (95.0% of pixels" in trainer.divergence({**healthy, "saturation": 0.95})
+
+
+def test_remedies_change_the_run_and_survive_a_checkpoint(tmp_path, tiny_data):
+    variant = tiny_variant(recovery={"remedies": ["lower_lr", "more_steps", "reseed"], "lr_factor": 0.5,
+                                     "steps_factor": 2.0}, optim={"warmup_iters": 0})
+    trainer = Trainer(variant, *tiny_data)
+    trainer.fit(until=2, progress=False)
+    lr = trainer.lr
+    assert [trainer.planned_remedy(k) for k in (1, 2, 3, 4)] == ["lower_lr", "more_steps", "reseed", "reseed"]
+    trainer.apply_remedy("lower_lr")
+    trainer.apply_remedy("more_steps")
+    assert trainer.lr == pytest.approx(lr / 2) and trainer.sampler_cfg.steps == 2 * variant.sampler.steps
+    assert trainer.train_step()["lr"].item() == pytest.approx(lr / 2)  # the schedule keeps the lower base
+    trainer.save_checkpoint(tmp_path / "c.pt")
+    other = Trainer(tiny_variant(recovery={"max_retries": 9}, optim={"warmup_iters": 0}), *tiny_data)
+    other.load_checkpoint(tmp_path / "c.pt")  # recovery settings do not make it another run
+    assert other.remedies == ["lower_lr", "more_steps"] and other.sampler_cfg.steps == 2 * variant.sampler.steps
+    assert other.lr == pytest.approx(trainer.lr)
+    torch.manual_seed(0)
+    a = torch.rand(3)
+    trainer.apply_remedy("reseed")
+    torch.manual_seed(0)
+    trainer.apply_remedy("reseed")
+    assert not torch.equal(torch.rand(3), a)  # a reseed draws other random numbers
+
+
+# ---- the train stage, in-process, with a NaN injected into the loss -----------------------------
+
+
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["scale"] = "tiny"
+    params["scales"]["tiny"]["variant"]["train"].update(epochs=3, checkpoint_every=2, log_every=1)
+    params["methods"]["jem_k20"]["recovery"] = {"max_retries": 2, "remedies": ["lower_lr", "more_steps"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = tmp_path / "data" / "tiny" / "cifar10"
+    x, y = make_shapes(80, seed=0)
+    save_split(data / "train.npz", x[:64].numpy(), y[:64].numpy())
+    save_split(data / "val.npz", x[64:].numpy(), y[64:].numpy())
+    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["train", "--variant", "jem_k20", "--data", "data/tiny", "--gmm", "gmm/tiny",
+                                      "--out", "models/v", "--metrics", "metrics/v.json", "--plots", "plots/v",
+                                      "--checkpoints", "checkpoints/v"])
+    return tmp_path
+
+
+def inject_nan(monkeypatch, at_steps: set[int], times: int) -> list[int]:
+    """The loss of the steps in ``at_steps`` becomes NaN, the first ``times`` times they run."""
+    seen: list[int] = []
+    real = jem.train.Trainer.train_step
+
+    def train_step(self):
+        stats = real(self)
+        if self.step in at_steps and len(seen) < times:
+            seen.append(self.step)
+            stats["loss"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(jem.train.Trainer, "train_step", train_step)
+    return seen
+
+
+def run_stage() -> int:
+    from stages.common import main_guard
+    from stages.train import RecoveryExhausted, main
+
+    try:
+        main_guard(main, {RecoveryExhausted: 3})
+    except SystemExit as exit_:
+        return int(exit_.code)
+    return 0
+
+
+def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys):
+    seen = inject_nan(monkeypatch, at_steps={7}, times=1)
+    assert run_stage() == 0
+    out = capsys.readouterr().out
+    assert seen == [7]
+    assert "diverged at step 7: non-finite loss; retry 1/2: lower_lr, resuming from step 6" in out
+    metrics = json.loads((stage_dir / "metrics" / "v.json").read_text())
+    assert metrics["steps"] == 12 and metrics["recovery_retries"] == 1 and metrics["remedies"] == "lower_lr"
+    final = torch.load(stage_dir / "models" / "v" / "final.pt", weights_only=False)
+    assert final["remedies"] == ["lower_lr"]
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id])[0]
+    assert run.data.tags["recovery.1"] == "step 7: non-finite loss; lower_lr; resumed from step 6"
+    assert run.data.metrics["recovery/retries"] == 1 and run.info.status == "FINISHED"
+
+
+def test_when_retries_run_out_the_stage_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+        stage_dir, monkeypatch, capsys):
+    inject_nan(monkeypatch, at_steps=set(range(5, 100)), times=100)
+    assert run_stage() == 3
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, captured.err
+    err = errors[0]
+    assert "non-finite loss at step 5" in err and "after 2 recovery retries" in err
+    assert "last good checkpoint kept: checkpoints/v/step-000000004.pt" in err
+    assert "retry 2/2: more_steps" in captured.out
+    assert not (stage_dir / "models" / "v").exists() and not (stage_dir / "metrics" / "v.json").exists()
+    state, _ = CheckpointDir(stage_dir / "checkpoints" / "v").latest()
+    assert state["step"] == 4 and np.isfinite(state["extra"]["steps_log"][-1]["loss"])
