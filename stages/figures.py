@@ -15,8 +15,11 @@ import itertools
 import matplotlib.pyplot as plt
 
 
-def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1) -> None:
-    """uint8 images (N, C, H, W) tiled ``nrow`` per row into one PNG, with a white gutter."""
+def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1, zoom: int = 2) -> None:
+    """uint8 images (N, C, H, W) tiled ``nrow`` per row into one PNG, with a white gutter;
+    each pixel drawn ``zoom`` x ``zoom`` so that 32x32 images are legible."""
+    if zoom > 1:
+        images = images.repeat(zoom, axis=2).repeat(zoom, axis=3)
     n, c, h, w = images.shape
     rows = max(1, -(-n // nrow))
     canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)

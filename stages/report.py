@@ -143,8 +143,14 @@ def robustness_table(runs: Runs) -> pd.DataFrame:
             rec["note"] = f"{rob['images']} test images; BPDA+EOT {bpda.get('status')}: {bpda.get('reason', '')}"
         records.append(rec)
     table = pd.DataFrame.from_records(records)
-    cols = ["variant", *[c for c in table.columns if c not in ("variant", "note")], "note"]
-    return table.reindex(columns=[c for c in cols if c in table.columns])
+    attacks = ("PGD Linf", "PGD L2", "BPDA+EOT")
+
+    def order(col: str) -> tuple[int, float]:  # by attack, then by radius as a number
+        attack = next(i for i, a in enumerate(attacks) if col.startswith(a))
+        return attack, float(col.rsplit(" ", 1)[1].split("/")[0])
+
+    radii = sorted((c for c in table.columns if c not in ("variant", "note")), key=order)
+    return table.reindex(columns=["variant", *radii, "note"])
 
 
 def _title(col: str) -> str:
