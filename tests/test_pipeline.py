@@ -21,8 +21,10 @@ def _ran(output: str) -> set[str]:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("pipeline")
     copy_repo(repo)
-    params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(re.sub(r"(?m)^scale: \w+", "scale: tiny", params, count=1))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # one variant of each kind of path through the stages: a softmax baseline and a generative one
+    params.update(scale="tiny", variants=["softmax", "sadajem_k5"])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env()
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run_ok(cmd, repo, env)
@@ -95,11 +97,9 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     assert not _ran(second), f"a second repro reran {_ran(second)}"
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(runs)
 
-    text = (path / "params.yaml").read_text()
-    edited = text.replace("  sadajem_k5: {family: sadajem, sampler: {steps: 5}}\n",
-                          "  sadajem_k5: {family: sadajem, sampler: {steps: 5}, optim: {rho: 0.3}}\n")
-    assert edited != text
-    (path / "params.yaml").write_text(edited)
+    edited = yaml.safe_load((path / "params.yaml").read_text())
+    edited["methods"]["sadajem_k5"]["optim"] = {"rho": 0.3}
+    (path / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     status = json.loads(run_ok([*dvc, "status", "--json"], path, env).strip().splitlines()[-1])
     assert set(status) == {"train@sadajem_k5"}
     third = run_ok([*dvc, "repro"], path, env)
