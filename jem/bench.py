@@ -2,19 +2,28 @@
 
     jem-bench                                   # jem_k20, jempp_m10, sadajem_k5
     jem-bench --variant sadajem_k5 --device cuda --depth 28 --width 10 --batch 64
+    jem-bench --compare --report reports/performance.md   # baseline vs fast paths, side by side
     jem-bench --json bench.json                 # also write the figures as JSON
 
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
-model and both batch sizes. Data are procedural 32x32 images (``jem.synthetic``), and
-the mixture for informative initialisation is fitted to them, so the benchmark needs no
-download. Timing covers whole training iterations (sampler, both SAM passes, optimizer
-step) after warm-up iterations, with the device synchronised around the timed block.
+model and the labelled batch (the p(x) batch keeps its ratio to it). Data are procedural
+32x32 images (``jem.synthetic``), and the mixture for informative initialisation is fitted
+to them, so the benchmark needs no download. Timing covers whole training iterations
+(sampler, both SAM passes, optimizer step) after warm-up iterations (compilation included
+there), with the device synchronised around the timed block.
+
+``--compare`` times each variant twice in one process, same seed: the *baseline* (fp32,
+eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer: how the
+reference code runs) and the *fast* paths (bf16 autocast on CUDA, channels_last,
+torch.compile, buffer and data on the device, fused optimizer), and prints the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import platform
 import resource
@@ -26,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 
-from jem.config import ConfigError, Variant
+from jem.config import ConfigError, PerfConfig, Variant
 from jem.gmm import compute_mixture_stats
 from jem.models import count_flops
 from jem.params import resolve_variant
@@ -35,6 +44,20 @@ from jem.train import Trainer
 
 DEFAULT_VARIANTS = ("jem_k20", "jempp_m10", "sadajem_k5")
 CIFAR10_TRAIN = 50_000
+
+
+def baseline_perf() -> PerfConfig:
+    """How the reference code runs: fp32, eager, CPU-resident buffer and data."""
+    return PerfConfig(buffer_device="cpu", data_device="cpu")
+
+
+def fast_perf(device: torch.device, compile: str = "auto") -> PerfConfig:
+    """Every fast path; bf16 only where it is fast (CUDA); torch.compile on CUDA unless told
+    (``compile='on'``): on CPU, inductor's code for the WRN-10-1 sampler measured slower than eager."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    use_compile = compile == "on" or (compile == "auto" and device.type == "cuda")
+    return PerfConfig(precision=precision, sampler_precision=precision, channels_last=True, compile=use_compile,
+                      fused_optimizer=True)
 
 
 def iteration_flops(variant: Variant, flops_per_image: int) -> float:
@@ -69,30 +92,38 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB)
 
 
-def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int,
-              n_images: int = 2048) -> dict[str, Any]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, perf: PerfConfig | None = None,
+              n_images: int = 2048, label: str = "") -> dict[str, Any]:
     classes = variant.model.num_classes
     x, y = make_shapes(n_images, variant.model.image_size, num_classes=min(classes, 10), seed=0)
     if classes > 10:
         y = torch.arange(n_images) % classes
     mixture = compute_mixture_stats([(x[i:i + 512], y[i:i + 512]) for i in range(0, n_images, 512)],
                                     classes) if variant.buffer.init == "gmm" else None
-    trainer = Trainer(variant, x, y, mixture=mixture, device=device)
+    perf = perf or PerfConfig()
+    trainer = Trainer(variant, x, y, mixture=mixture, device=device, perf=perf)
+    start = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     seconds = (time.perf_counter() - start) / steps
     flops = iteration_flops(variant, count_flops(trainer.model))
     batch = variant.train.batch_size
-    return {
+    row = {
         "variant": variant.name,
+        "mode": label or "default",
         "family": variant.family,
         "device": _device_name(device),
         "model": f"WRN-{variant.model.depth}-{variant.model.width}",
@@ -103,6 +134,8 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int,
                     else f"pyld M={variant.sampler.steps} N={variant.sampler.inner_steps}")
         if variant.uses_sampler else "none",
         "sam": variant.optim.sam,
+        "perf": dataclasses.asdict(perf),
+        "compiled": trainer.compiled,
         "ms_per_iter": seconds * 1e3,
         "images_per_s": batch / seconds,
         "epoch_min_cifar10": CIFAR10_TRAIN // batch * seconds / 60,
@@ -110,19 +143,60 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int,
         "peak_memory_mb": _peak_memory_mb(device),
         "memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS",
         "steps_timed": steps,
+        "warmup_s": warmup_s,
     }
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def _format(rows: list[dict[str, Any]]) -> str:
-    head = ("variant", "model", "batch", "sampler", "sam", "ms/iter", "img/s", "min/epoch*", "TFLOP/s", "peak MB")
+    head = ("variant", "mode", "model", "batch", "sampler", "sam", "ms/iter", "img/s", "min/epoch*", "TFLOP/s",
+            "peak MB")
     lines = ["  ".join(f"{h:>12}" for h in head)]
     for r in rows:
-        cells = (r["variant"], r["model"], f"{r['batch']}/{r['px_batch']}", r["sampler"], r["sam"],
+        cells = (r["variant"], r["mode"], r["model"], f"{r['batch']}/{r['px_batch']}", r["sampler"], r["sam"],
                  f"{r['ms_per_iter']:.1f}", f"{r['images_per_s']:.1f}", f"{r['epoch_min_cifar10']:.2f}",
                  f"{r['tflops']:.3f}", f"{r['peak_memory_mb']:.0f}")
         lines.append("  ".join(f"{c:>12}" for c in cells))
     lines.append("* projected minutes per CIFAR-10 epoch (50,000 images / labelled batch x ms/iter)")
     return "\n".join(lines)
+
+
+def _ratios(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    by = {(r["variant"], r["mode"]): r for r in rows}
+    return [(v, by[(v, "baseline")]["ms_per_iter"] / by[(v, "fast")]["ms_per_iter"])
+            for v, m in by if m == "fast" and (v, "baseline") in by]
+
+
+def markdown_report(rows: list[dict[str, Any]], command: str) -> str:
+    """``reports/performance.md``: the side-by-side table, the device, the settings, the ratios."""
+    first = rows[0]
+    lines = [
+        "# Training speed: baseline against the fast paths",
+        "",
+        f"Measured by `{command}` on **{first['device']}** (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads), {first['steps_timed']} timed iterations after warm-up; "
+        f"memory is {first['memory_kind']}.",
+        "",
+        "*baseline*: fp32, eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer "
+        "(how the reference code runs). *fast*: " + ", ".join(
+            f"{k} {v}" for k, v in next(r for r in rows if r["mode"] == "fast")["perf"].items())
+        + f" ({next(r for r in rows if r['mode'] == 'fast')['compiled']}).",
+        "",
+        "| variant | mode | model | batch / p(x) | sampler | SAM | ms/iter | img/s | min/epoch* | TFLOP/s | peak MB |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['model']} | {r['batch']}/{r['px_batch']} | {r['sampler']} | "
+                     f"{r['sam']} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.1f} | {r['epoch_min_cifar10']:.2f} | "
+                     f"{r['tflops']:.3f} | {r['peak_memory_mb']:.0f} |")
+    lines += ["", "\\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled batch x ms/iter.", "",
+              "Speed-up of the fast paths (baseline ms/iter / fast ms/iter):", ""]
+    lines += [f"- {v}: **{ratio:.2f}x**" for v, ratio in _ratios(rows)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--depth", type=int, help="WRN depth (overrides the scale's)")
     ap.add_argument("--width", type=int, help="WRN width (overrides the scale's)")
-    ap.add_argument("--batch", type=int, help="labelled and p(x) batch size (overrides the variant's)")
+    ap.add_argument("--batch", type=int, help="labelled batch size (the p(x) batch keeps its ratio)")
     ap.add_argument("--steps", type=int, default=10, help="timed iterations")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--compare", action="store_true", help="baseline and fast paths side by side")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile in the fast mode: auto = on CUDA only")
+    ap.add_argument("--report", type=Path, help="write the side-by-side table as Markdown (with --compare)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -146,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+    if args.report and not args.compare:
+        print("error: --report writes the side-by-side table; add --compare", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,19 +245,31 @@ def main(argv: list[str] | None = None) -> int:
             if args.width:
                 d["model"]["width"] = args.width
             if args.batch:
-                d["train"]["batch_size"] = d["train"]["px_batch_size"] = args.batch
+                ratio = d["train"]["px_batch_size"] / d["train"]["batch_size"]
+                d["train"]["batch_size"] = args.batch
+                d["train"]["px_batch_size"] = max(1, round(args.batch * ratio))
             variant = Variant.from_dict(d, where=f"methods.{name}")
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(f"[bench] {name}: {variant.model.depth}-{variant.model.width}, batch "
-              f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device} ...", flush=True)
-        rows.append(benchmark(variant, device, args.steps, args.warmup))
+        modes = ([("baseline", baseline_perf()), ("fast", fast_perf(device, args.compile))] if args.compare
+                 else [("default", None)])
+        for label, perf in modes:
+            print(f"[bench] {name} ({label}): WRN-{variant.model.depth}-{variant.model.width}, batch "
+                  f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device} ...", flush=True)
+            rows.append(benchmark(variant, device, args.steps, args.warmup, perf=perf, label=label))
     print(f"\ndevice: {rows[0]['device']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"scale {scale}  memory: {rows[0]['memory_kind']}")
     print(_format(rows))
+    for v, ratio in _ratios(rows):
+        print(f"{v}: fast / baseline speed-up {ratio:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        command = "jem-bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.report.write_text(markdown_report(rows, command))
+        print(f"wrote {args.report}")
     return 0
 
 

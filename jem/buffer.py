@@ -71,13 +71,15 @@ class ReplayBuffer:
 
     def update(self, idx: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Write sampler results (and their p0 components) back to the slots they were drawn from."""
+        idx = idx.to(self.device)
         slots, inverse = torch.unique(idx, return_inverse=True)
-        position = torch.arange(len(idx), device=idx.device)
-        last = torch.full((len(slots),), -1, dtype=torch.long, device=idx.device)
+        position = torch.arange(len(idx), device=self.device)
+        last = torch.full((len(slots),), -1, dtype=torch.long, device=self.device)
         last = last.scatter_reduce(0, inverse, position, reduce="amax")  # order-free, so deterministic
-        self.samples[slots] = x.detach()[last].to(self.samples.dtype)
+        x = x.detach().to(self.device, self.samples.dtype)
+        self.samples[slots] = x[last].contiguous()
         if labels is not None:
-            self.labels[slots] = labels[last].to(self.labels.dtype)
+            self.labels[slots] = labels.to(self.device)[last].to(self.labels.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "labels": self.labels}

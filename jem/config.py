@@ -179,6 +179,30 @@ class TrainConfig:
             _check(value >= 1, where, key, value, "an integer >= 1")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class PerfConfig:
+    """How a run executes, not what it computes: every switch agrees with the safe default
+    (fp32, eager, buffer and data on the training device) within numerical tolerance, so
+    none of it is part of a variant or of its checkpoints."""
+
+    precision: str = "fp32"  # fp32 | bf16: autocast of the loss passes (and of SAM's second pass)
+    sampler_precision: str = "fp32"  # fp32 | bf16: autocast of the sampler's forward/backward
+    channels_last: bool = False  # NHWC memory layout for the model and its inputs
+    compile: bool = False  # torch.compile the network trunk; eager (with a log line) when unavailable
+    buffer_device: str = "auto"  # auto (the training device) | cpu: where the replay buffer and p0 live
+    data_device: str = "auto"  # auto (the training device) | cpu: where the prepared dataset lives
+    fused_optimizer: bool = False  # fused (else foreach) optimizer kernels
+
+    def validate(self, where: str) -> None:
+        for key in ("precision", "sampler_precision"):
+            _check(getattr(self, key) in PRECISIONS, where, key, getattr(self, key), "'fp32' or 'bf16'")
+        for key in ("buffer_device", "data_device"):
+            _check(getattr(self, key) in ("auto", "cpu"), where, key, getattr(self, key), "'auto' or 'cpu'")
+
+
 REMEDIES = ("reseed", "lower_lr", "more_steps")
 
 

@@ -84,7 +84,11 @@ class WideResNet(nn.Module):
 
 
 def energy_from_logits(logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """E(x) = -logsumexp_y f(x)[y]; with labels, the class-conditional E(x, y) = -f(x)[y]."""
+    """E(x) = -logsumexp_y f(x)[y]; with labels, the class-conditional E(x, y) = -f(x)[y].
+
+    Half-precision logits (autocast) are summed in float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if y is None:
         return -torch.logsumexp(logits, dim=1)
     return -logits.gather(1, y.view(-1, 1)).squeeze(1)

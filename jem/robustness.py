@@ -77,7 +77,7 @@ class Purified(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x.repeat_interleave(self.chains, 0)
         if self.input_noise > 0:
-            xs = xs + self.input_noise * torch.randn_like(xs)
+            xs = xs + self.input_noise * torch.randn(xs.shape, device=xs.device, dtype=xs.dtype)
         logits = self.model(_Identity.apply(xs, self.purify))
         return logits.view(len(x), self.chains, -1).mean(1)
 

@@ -51,6 +51,20 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def input_grad_only(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients while sampling: only dE/dx is needed, and a compiled
+    graph would otherwise compute (and throw away) every weight gradient at every step."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Put the model in the sampling mode and restore its train/eval flags afterwards."""
     flags = [(m, m.training) for m in model.modules()]
@@ -67,6 +81,8 @@ def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
 
 
 def _lse(logits: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    if logits.dtype in (torch.float16, torch.bfloat16):  # autocast: reduce in float32
+        logits = logits.float()
     if y is None:
         return torch.logsumexp(logits, dim=1)
     return logits.gather(1, y.view(-1, 1)).squeeze(1)
@@ -78,7 +94,8 @@ def _clamp_grad(g: torch.Tensor, eps: float | None) -> torch.Tensor:
 
 def _finish_step(x: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
     if cfg.noise > 0:
-        x = x + cfg.noise * torch.randn_like(x)
+        # drawn in logical (NCHW) order, so a channels_last x gets the same noise per pixel
+        x = x + cfg.noise * torch.randn(x.shape, device=x.device, dtype=x.dtype)
     if cfg.image_clamp:
         x = x.clamp(-1.0, 1.0)
     return x
@@ -119,7 +136,7 @@ def sample(model: nn.Module, x0: torch.Tensor, cfg: SamplerConfig,
     """Run the configured chain from ``x0`` for ``steps`` (default ``cfg.steps``) steps."""
     step = sgld_step if cfg.kind == "sgld" else pyld_step
     x = x0.detach()
-    with bn_mode(model, cfg.bn_mode):
+    with bn_mode(model, cfg.bn_mode), input_grad_only(model):
         for _ in range(cfg.steps if steps is None else steps):
             x = step(model, x, cfg, y)  # type: ignore[arg-type]
     return x

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from jem.config import ConfigError, SamplerConfig, Variant, _build, _check, deep_merge
+from jem.config import ConfigError, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
 
 SELECT = ("last", "best_val")
 SOURCES_PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
@@ -29,8 +29,10 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0
     deterministic: bool = False
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def validate(self, where: str) -> None:
+        self.perf.validate(f"{where}.perf")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, where, "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         _check(self.threads >= 0, where, "threads", self.threads, "an integer >= 0 (0 = torch's default)")

@@ -18,6 +18,7 @@ every RNG state, the variant), so a run restored from it continues bit-identical
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from jem.buffer import ReplayBuffer
 from jem.checkpoint import capture_rng, load_verified, restore_rng, save_verified, seed_everything
-from jem.config import OptimConfig, SamplerConfig, Variant
+from jem.config import OptimConfig, PerfConfig, SamplerConfig, Variant
 from jem.data import BatchStream
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
@@ -74,17 +75,59 @@ class LRFactor:
         return factor
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, SAM | None]:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    fused: bool = False) -> tuple[torch.optim.Optimizer, SAM | None]:
+    """The base optimizer (fused kernels when asked and supported, else foreach) and its SAM wrapper."""
     params = list(model.parameters())
     lr = cfg.lr * cfg.lr_scale
     base: torch.optim.Optimizer
     if cfg.name == "sgd":
-        base = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        kwargs: dict[str, Any] = {"lr": lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov,
+                                  "weight_decay": cfg.weight_decay}
+        cls: type[torch.optim.Optimizer] = torch.optim.SGD
     else:
-        base = torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        kwargs = {"lr": lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+        cls = torch.optim.Adam
+    if fused:
+        try:
+            base = cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+            base = cls(params, foreach=True, **kwargs)
+    else:
+        base = cls(params, **kwargs)
     sam = SAM(base, rho=cfg.rho, adaptive=cfg.sam == "asam") if cfg.sam != "none" else None
     return base, sam
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on ``device`` for ``precision == 'bf16'``, else nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def compile_trunk(model: WideResNet, device: torch.device) -> str:
+    """torch.compile the residual trunk (every forward path goes through it) in place.
+
+    Returns what happened, for the log: compiled, or why not (then the model stays eager).
+    Compilation errors at run time fall back to eager too (dynamo's ``suppress_errors``).
+    """
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        return "eager: this torch has no torch.compile"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "eager: torch.compile needs triton on CUDA, which is not installed"
+    elif device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "eager: torch.compile's CPU backend needs a C++ compiler (g++), none found"
+    import torch._dynamo as dynamo
+
+    dynamo.config.suppress_errors = True
+    model.blocks.compile(dynamic=False)  # one static graph per batch size (two or three in all)
+    return "compiled (torch.compile, inductor)"
 
 
 def build_p0(variant: Variant, shape: tuple[int, ...], mixture: MixtureStats | None,
@@ -102,10 +145,19 @@ def build_p0(variant: Variant, shape: tuple[int, ...], mixture: MixtureStats | N
 
 
 class Trainer:
+    """One variant's training run: model, optimizer, schedule, replay buffer and batch streams.
+
+    ``perf`` says how it executes (precision, memory layout, compilation, where the buffer and
+    data live, fused optimizer kernels); it never changes what a run computes beyond
+    numerical tolerance, and it is not part of the checkpoints.
+    """
+
     def __init__(self, variant: Variant, images: torch.Tensor, labels: torch.Tensor,
                  mixture: MixtureStats | None = None, device: torch.device | str = "cpu",
-                 data_device: torch.device | str | None = None) -> None:
+                 perf: PerfConfig | None = None) -> None:
         variant.validate(variant.name)
+        self.perf = perf or PerfConfig()
+        self.perf.validate("perf")
         self.variant = variant
         self.device = torch.device(device)
         shape = tuple(images.shape[1:])
@@ -115,9 +167,13 @@ class Trainer:
                              f"{(m.in_channels, m.image_size, m.image_size)}")
         seed_everything(variant.train.seed)
         self.model: WideResNet = build_model(variant.model).to(self.device)
-        self.optimizer, self.sam = build_optimizer(self.model, variant.optim)
+        self.memory_format = torch.channels_last if self.perf.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer, self.sam = build_optimizer(self.model, variant.optim, fused=self.perf.fused_optimizer)
+        self.compiled = compile_trunk(self.model, self.device) if self.perf.compile else "eager"
         t, obj = variant.train, variant.objective
-        data_device = self.device if data_device is None else data_device
+        data_device = self.device if self.perf.data_device == "auto" else torch.device(self.perf.data_device)
+        buffer_device = self.device if self.perf.buffer_device == "auto" else torch.device(self.perf.buffer_device)
         self.clf_stream = BatchStream(images, labels, t.batch_size, t.seed, 0, variant.augment,
                                       obj.input_noise, data_device)
         self.iters_per_epoch = self.clf_stream.per_epoch
@@ -130,8 +186,8 @@ class Trainer:
             self.px_stream = BatchStream(images, labels, t.px_batch_size, t.seed, 1,
                                          variant.augment if obj.px_augment else None,
                                          obj.input_noise, data_device)
-            p0 = build_p0(variant, shape, mixture, self.device)
-            self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, self.device)
+            p0 = build_p0(variant, shape, mixture, buffer_device)
+            self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, buffer_device)
         self.step = 0
         self.sampler_cfg = variant.sampler  # the variant's sampler, with any recovery remedy applied
         self.remedies: list[str] = []
@@ -145,7 +201,8 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One iteration; returns detached statistics on the device."""
@@ -155,16 +212,18 @@ class Trainer:
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
             x0, idx, starts = self.buffer.draw(v.train.px_batch_size)
-            x_neg = sample(self.model, x0, self.sampler_cfg)
+            with autocast(self.device, self.perf.sampler_precision):
+                x_neg = sample(self.model, self._to_device(x0), self.sampler_cfg)
             self.buffer.update(idx, x_neg, starts)
         self.model.train()
-        loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
+        with autocast(self.device, self.perf.precision):
+            loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sam is not None:
             self.sam.first_step()
             self.sam.zero_grad()
-            with frozen_bn_stats(self.model):
+            with frozen_bn_stats(self.model), autocast(self.device, self.perf.precision):
                 loss_adv, _ = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
             loss_adv.backward()
             self.sam.second_step()

@@ -37,7 +37,8 @@ from jem.datasets import load_split
 from jem.gmm import load_mixture_stats
 from jem.metrics import accuracy, calibration, predict_logits
 from jem.models import save_model
-from jem.params import resolve_variant, variant_dataset
+from jem.params import resolve_variant, scale_name, variant_dataset
+from jem.settings import section
 from jem.train import DivergenceError, Trainer
 from stages.common import building, load_params, main_guard, mlflow_run, setup_run, write_json
 from stages.figures import plot_learning_curves
@@ -95,10 +96,14 @@ def main() -> None:
     checkpoints = CheckpointDir(args.checkpoints, keep=variant.train.keep_checkpoints)
     best_path = args.checkpoints / "best_val.pt"
 
+    perf = section(params, "run", scale_name(params)).perf
+
     def new_trainer() -> Trainer:
-        return Trainer(variant, x, y, mixture=mixture, device=device)
+        return Trainer(variant, x, y, mixture=mixture, device=device, perf=perf)
 
     trainer = new_trainer()
+    if perf.compile:
+        log(f"{name}: {trainer.compiled}")
     extra = resume(trainer, checkpoints)
     steps_log: list[dict[str, float]] = extra.get("steps_log", [])
     val_log: list[dict[str, float]] = extra.get("val_log", [])

@@ -1,0 +1,95 @@
+"""The fast paths compute what the safe default computes, within numerical tolerance (CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jem.config import PerfConfig, SamplerConfig
+from jem.gmm import compute_mixture_stats
+from jem.objectives import jem_loss
+from jem.samplers import sample
+from jem.train import Trainer, autocast
+
+from .conftest import tiny_variant
+
+SADAJEM = {"sampler": {"grad_clamp": 1.0, "image_clamp": True, "noise": 0.0, "bn_mode": "train"},
+           "buffer": {"init": "gmm"}, "optim": {"sam": "sam", "rho": 0.2}, "objective": {"px_augment": False}}
+JEMPP = {"sampler": {"kind": "pyld", "steps": 2, "inner_steps": 2, "step_size": 0.0, "grad_clamp": 1.0,
+                     "image_clamp": True, "bn_mode": "train"}, "buffer": {"init": "gmm"}}
+JEM = {"model": {"norm": "none"}, "optim": {"name": "adam", "lr": 1e-3}}
+
+
+def _run(family: dict, perf: PerfConfig, data: tuple[torch.Tensor, torch.Tensor], steps: int = 3) -> Trainer:
+    images, labels = data
+    trainer = Trainer(tiny_variant(**family), images, labels, mixture=compute_mixture_stats([(images, labels)], 4),
+                      perf=perf)
+    trainer.fit(until=steps, progress=False)
+    return trainer
+
+
+def _assert_close(a: Trainer, b: Trainer, rtol: float, atol: float) -> None:
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        if p.is_floating_point():
+            torch.testing.assert_close(p.contiguous(), q.contiguous(), rtol=rtol, atol=atol, msg=name)
+    if a.buffer is not None:
+        torch.testing.assert_close(a.buffer.samples.cpu(), b.buffer.samples.cpu(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("family", [SADAJEM, JEMPP, JEM], ids=["sadajem", "jempp", "jem"])
+def test_channels_last_fused_optimizer_and_cpu_buffer_agree_with_the_default(family, tiny_data):
+    base = _run(family, PerfConfig(), tiny_data)
+    fast = _run(family, PerfConfig(channels_last=True, fused_optimizer=True), tiny_data)
+    _assert_close(base, fast, rtol=1e-4, atol=1e-5)
+    moved = _run(family, PerfConfig(buffer_device="cpu", data_device="cpu"), tiny_data)
+    _assert_close(base, moved, rtol=0, atol=0)  # the same device here: the same numbers
+
+
+def _loss_and_grads(model, batches, precision: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with autocast(torch.device("cpu"), precision):
+        loss, _ = jem_loss(model, *batches, tiny_variant().objective)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny_data):
+    trainer = Trainer(tiny_variant(), *tiny_data)
+    model = trainer.model.train()
+    x_lab, y = trainer.clf_stream.batch(0)
+    x_pos, _ = trainer.px_stream.batch(0)
+    x_neg = torch.rand_like(x_pos) * 2 - 1
+    state = copy.deepcopy(model.state_dict())
+    loss32, grads32 = _loss_and_grads(model, (x_lab, y, x_pos, x_neg), "fp32")
+    model.load_state_dict(state)  # the same batch-norm statistics for the second pass
+    loss16, grads16 = _loss_and_grads(model, (x_lab, y, x_pos, x_neg), "bf16")
+    assert loss16.dtype == torch.float32 and abs(loss16 - loss32) < 0.02 * abs(loss32)
+    flat32, flat16 = torch.cat([g.flatten() for g in grads32]), torch.cat([g.flatten() for g in grads16])
+    assert F.cosine_similarity(flat32, flat16, dim=0) > 0.99
+
+    model.eval()
+    cfg = SamplerConfig(kind="sgld", steps=3, step_size=1.0, noise=0.0)
+    x0 = torch.rand(6, 3, 8, 8) * 2 - 1
+    with autocast(torch.device("cpu"), "bf16"):
+        x16 = sample(model, x0, cfg)
+    x32 = sample(model, x0, cfg)
+    assert x16.dtype == torch.float32  # the chains themselves stay in float32
+    moved = (x32 - x0).abs().mean()
+    assert (x16 - x32).abs().mean() < 0.05 * moved
+
+
+@pytest.mark.slow
+def test_compiled_trunk_matches_eager(tiny_data):
+    from torch._dynamo.utils import counters
+
+    base = _run(SADAJEM, PerfConfig(), tiny_data, steps=2)
+    graphs = counters["stats"]["unique_graphs"]
+    fast = _run(SADAJEM, PerfConfig(compile=True), tiny_data, steps=2)
+    if fast.compiled.startswith("compiled"):  # this machine can compile: it did, without falling back
+        assert counters["stats"]["unique_graphs"] > graphs and counters["frames"]["ok"] == counters["frames"]["total"]
+    else:
+        assert fast.compiled.startswith("eager:")
+    _assert_close(base, fast, rtol=1e-4, atol=1e-5)
