@@ -7,6 +7,11 @@ and the results are written back to the same slots. When a slot was drawn more t
 the last of its copies is written back, deterministically (a plain indexed assignment
 with repeated indices lets the threads decide, which breaks exact resume).
 
+On a GPU (``dense_reinit``) a draw re-initialises without host synchronisation: fresh p0
+draws are made for every row and kept where the re-initialisation mask says so; the
+write-back sends the discarded copies of a repeated slot to a scratch row past the end,
+so no step waits on a data-dependent shape.
+
 The buffer is laid out in ``num_classes`` equal segments. Filling it from the mixture puts
 class c's draws in segment c, so a class-conditional draw reads segment c and
 re-initialises from component c.
@@ -30,13 +35,14 @@ class Draw(NamedTuple):
 
 class ReplayBuffer:
     def __init__(self, size: int, p0: InitDistribution, reinit_freq: float,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", dense_reinit: bool | None = None) -> None:
         if size < p0.num_classes:
             raise ValueError(f"buffer size {size} is smaller than the number of classes {p0.num_classes}")
         self.size = size
         self.p0 = p0
         self.reinit_freq = reinit_freq
         self.device = torch.device(device)
+        self.dense_reinit = self.device.type == "cuda" if dense_reinit is None else dense_reinit
         self.num_classes = p0.num_classes
         self.segment = size // p0.num_classes
         # Fill class by class: slot i holds a draw from component i // segment (slots past
@@ -47,8 +53,18 @@ class ReplayBuffer:
         if rest:
             extra, extra_labels = p0.sample(rest, device=self.device)
             samples, labels = torch.cat([samples, extra]), torch.cat([labels, extra_labels])
-        self.samples = samples.contiguous()
-        self.labels = labels.long()
+        # one scratch row past the end takes the discarded writes of repeated slots
+        self._samples = torch.cat([samples, samples[:1]]).contiguous()
+        self._labels = torch.cat([labels.long(), labels[:1].long()])
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """The stored chains (a view: writing to it writes to the buffer)."""
+        return self._samples[:self.size]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels[:self.size]
 
     def draw(self, n: int, y: torch.Tensor | None = None) -> Draw:
         """``n`` chain starts, their slots and p0 components (class-conditional when ``y`` is given)."""
@@ -61,25 +77,29 @@ class ReplayBuffer:
         labels = self.labels[idx]
         if self.reinit_freq > 0:
             mask = torch.rand(n, device=self.device) < self.reinit_freq
-            rows = mask.nonzero().flatten()
-            if rows.numel():
-                fresh, comp = self.p0.sample(rows.numel(), y=None if y is None else y[rows],
-                                             device=self.device)
-                x[rows] = fresh
-                labels[rows] = comp.to(labels.dtype)
+            if self.dense_reinit:
+                fresh, comp = self.p0.sample(n, y=y, device=self.device, dense=True)
+                x = torch.where(mask.view(-1, *([1] * (x.dim() - 1))), fresh.to(x.dtype), x)
+                labels = torch.where(mask, comp.to(labels.dtype), labels)
+            else:
+                rows = mask.nonzero().flatten()
+                if rows.numel():
+                    fresh, comp = self.p0.sample(rows.numel(), y=None if y is None else y[rows],
+                                                 device=self.device)
+                    x[rows] = fresh
+                    labels[rows] = comp.to(labels.dtype)
         return Draw(x, idx, labels)
 
     def update(self, idx: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Write sampler results (and their p0 components) back to the slots they were drawn from."""
         idx = idx.to(self.device)
-        slots, inverse = torch.unique(idx, return_inverse=True)
         position = torch.arange(len(idx), device=self.device)
-        last = torch.full((len(slots),), -1, dtype=torch.long, device=self.device)
-        last = last.scatter_reduce(0, inverse, position, reduce="amax")  # order-free, so deterministic
-        x = x.detach().to(self.device, self.samples.dtype)
-        self.samples[slots] = x[last].contiguous()
+        last = torch.full((self.size + 1,), -1, dtype=torch.long, device=self.device)
+        last = last.scatter_reduce(0, idx, position, reduce="amax")  # order-free, so deterministic
+        target = torch.where(last[idx] == position, idx, self.size)  # earlier copies go to the scratch row
+        self._samples[target] = x.detach().to(self.device, self._samples.dtype).contiguous()
         if labels is not None:
-            self.labels[slots] = labels.to(self.device)[last].to(self.labels.dtype)
+            self._labels[target] = labels.to(self.device, self._labels.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "labels": self.labels}
@@ -88,5 +108,5 @@ class ReplayBuffer:
         if tuple(state["samples"].shape) != tuple(self.samples.shape):
             raise InputError(f"buffer shape {tuple(state['samples'].shape)} does not match "
                              f"the configured {tuple(self.samples.shape)}")
-        self.samples = state["samples"].to(self.device).contiguous()
-        self.labels = state["labels"].to(self.device)
+        self.samples.copy_(state["samples"])
+        self.labels.copy_(state["labels"])

@@ -107,7 +107,7 @@ class UniformInit:
         return self
 
     def sample(self, n: int, y: torch.Tensor | None = None,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device | str = "cpu", dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.rand((n, *self.shape), device=device) * 2 - 1
         labels = y.to(device) if y is not None else torch.full((n,), -1, dtype=torch.long, device=device)
         return x, labels
@@ -140,19 +140,28 @@ class GaussianMixture:
         self.factors = self.factors.to(device)
         return self
 
-    def sample(self, n: int, y: torch.Tensor | None = None,
-               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n draws (clamped to [-1, 1]) and their components; ``y`` fixes the components."""
+    def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str | None = None,
+               dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws (clamped to [-1, 1]) and their components; ``y`` fixes the components.
+
+        ``dense`` computes every row through every component's factor in one batched matmul
+        and picks each row's own: C times the arithmetic, but no host synchronisation (no
+        data-dependent shapes), which is what a GPU training step wants.
+        """
         dev = self.means.device
         if y is None:
             comp = torch.multinomial(self.priors, n, replacement=True)
         else:
             comp = y.to(dev).long()
         z = torch.randn(n, self.means.shape[1], device=dev)
-        out = torch.empty_like(z)
-        for c in torch.unique(comp).tolist():  # one matmul per component present
-            rows = (comp == c).nonzero().flatten()
-            out[rows] = self.means[c] + z[rows] @ self.factors[c].T
+        if dense:
+            every = torch.matmul(z, self.factors.transpose(1, 2))  # (C, n, D)
+            out = every[comp, torch.arange(n, device=dev)] + self.means[comp]
+        else:
+            out = torch.empty_like(z)
+            for c in torch.unique(comp).tolist():  # one matmul per component present
+                rows = (comp == c).nonzero().flatten()
+                out[rows] = self.means[c] + z[rows] @ self.factors[c].T
         x = out.view(n, *self.shape).clamp(-1.0, 1.0)
         if device is not None:
             x, comp = x.to(device), comp.to(device)

@@ -59,12 +59,13 @@ def _known_mixture() -> MixtureStats:
                         covs=torch.tensor(np.array(covs)).float(), shape=(1, 2, 2))
 
 
-def test_mixture_draws_match_the_moments_and_priors():
+@pytest.mark.parametrize("dense", [False, True])
+def test_mixture_draws_match_the_moments_and_priors(dense):
     stats = _known_mixture()
     torch.manual_seed(0)
     mix = GaussianMixture(stats, jitter=1e-4)
     n = 200_000
-    x, comp = mix.sample(n)
+    x, comp = mix.sample(n, dense=dense)
     assert x.shape == (n, 1, 2, 2)
     assert abs((comp == 0).float().mean().item() - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n)
     flat = x.reshape(n, -1).double().numpy()
@@ -95,9 +96,10 @@ def test_mixture_statistics_round_trip_and_shape_check(tmp_path):
         load_mixture_stats(tmp_path / "bad.pt")
 
 
-def test_buffer_reinitialises_the_configured_fraction():
+@pytest.mark.parametrize("dense", [False, True])
+def test_buffer_reinitialises_the_configured_fraction(dense):
     torch.manual_seed(0)
-    buf = ReplayBuffer(1000, UniformInit((3, 2, 2), 10), reinit_freq=0.05)
+    buf = ReplayBuffer(1000, UniformInit((3, 2, 2), 10), reinit_freq=0.05, dense_reinit=dense)
     assert buf.samples.min() >= -1 and buf.samples.max() <= 1
     buf.samples.fill_(5.0)  # a value p0 never produces
     n = 40_000
@@ -126,11 +128,12 @@ def test_buffer_update_writes_back_to_the_drawn_slots():
     assert (buf.samples[others] != 0.25).all()
 
 
-def test_class_conditional_draws_come_from_the_right_class():
+@pytest.mark.parametrize("dense", [False, True])
+def test_class_conditional_draws_come_from_the_right_class(dense):
     stats = _known_mixture()
     stats.means = torch.stack([torch.full((4,), -0.6), torch.full((4,), 0.6)])  # well separated
     torch.manual_seed(1)
-    buf = ReplayBuffer(100, GaussianMixture(stats), reinit_freq=0.3)
+    buf = ReplayBuffer(100, GaussianMixture(stats), reinit_freq=0.3, dense_reinit=dense)
     assert (buf.labels[:50] == 0).all() and (buf.labels[50:] == 1).all()  # filled class by class
     for _ in range(5):  # draws, re-initialisations and write-backs keep the classes apart
         y = torch.randint(0, 2, (64,))
