@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from jem.config import AugmentConfig
+from jem.distributed import SINGLE, DistInfo
 from jem.errors import InputError
 
 _STREAM_SALT = 1_000_003
@@ -58,11 +59,18 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
 
 
 class BatchStream:
-    """Endless shuffled batches over one split; ``batch(it)`` is deterministic in ``it``."""
+    """Endless shuffled batches over one split; ``batch(it)`` is deterministic in ``it``.
+
+    Under data parallelism (``shard``) every rank builds the same global batch of
+    ``batch_size`` images (augmentation and noise included) and keeps its own rows.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
                  stream: int, augment: AugmentConfig | None, noise: float,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", shard: DistInfo = SINGLE) -> None:
+        if batch_size % shard.world:
+            raise InputError(f"batch size {batch_size} does not split evenly over {shard.world} processes")
+        self.shard = shard
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if batch_size > images.shape[0]:
@@ -98,4 +106,5 @@ class BatchStream:
             x = augment(x, self.augment_cfg, g)
         if self.noise > 0:
             x = x + self.noise * torch.randn(x.shape, generator=g, device=x.device)
-        return x, self.labels[idx]
+        mine = self.shard.rows(self.batch_size // self.shard.world)
+        return x[mine], self.labels[idx][mine]

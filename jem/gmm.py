@@ -106,9 +106,9 @@ class UniformInit:
     def to(self, device: torch.device | str) -> UniformInit:
         return self
 
-    def sample(self, n: int, y: torch.Tensor | None = None,
-               device: torch.device | str = "cpu", dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.rand((n, *self.shape), device=device) * 2 - 1
+    def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str = "cpu",
+               dense: bool = False, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand((n, *self.shape), device=device, generator=generator) * 2 - 1
         labels = y.to(device) if y is not None else torch.full((n,), -1, dtype=torch.long, device=device)
         return x, labels
 
@@ -141,7 +141,7 @@ class GaussianMixture:
         return self
 
     def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str | None = None,
-               dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               dense: bool = False, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """n draws (clamped to [-1, 1]) and their components; ``y`` fixes the components.
 
         ``dense`` computes every row through every component's factor in one batched matmul
@@ -150,10 +150,10 @@ class GaussianMixture:
         """
         dev = self.means.device
         if y is None:
-            comp = torch.multinomial(self.priors, n, replacement=True)
+            comp = torch.multinomial(self.priors, n, replacement=True, generator=generator)
         else:
             comp = y.to(dev).long()
-        z = torch.randn(n, self.means.shape[1], device=dev)
+        z = torch.randn(n, self.means.shape[1], device=dev, generator=generator)
         if dense:
             every = torch.matmul(z, self.factors.transpose(1, 2))  # (C, n, D)
             out = every[comp, torch.arange(n, device=dev)] + self.means[comp]

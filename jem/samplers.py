@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from jem.config import SamplerConfig
+from jem.distributed import SINGLE, DistInfo
 from jem.models import WideResNet
 
 
@@ -92,26 +93,28 @@ def _clamp_grad(g: torch.Tensor, eps: float | None) -> torch.Tensor:
     return g if eps is None else g.clamp(-eps, eps)
 
 
-def _finish_step(x: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+def _finish_step(x: torch.Tensor, cfg: SamplerConfig, shard: DistInfo = SINGLE) -> torch.Tensor:
     if cfg.noise > 0:
-        # drawn in logical (NCHW) order, so a channels_last x gets the same noise per pixel
-        x = x + cfg.noise * torch.randn(x.shape, device=x.device, dtype=x.dtype)
+        # drawn in logical (NCHW) order, so a channels_last x gets the same noise per pixel; under
+        # data parallelism, for the whole global batch and sliced, as a single process draws it
+        noise = torch.randn((len(x) * shard.world, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        x = x + cfg.noise * noise[shard.rows(len(x))]
     if cfg.image_clamp:
         x = x.clamp(-1.0, 1.0)
     return x
 
 
 def sgld_step(model: nn.Module, x: torch.Tensor, cfg: SamplerConfig,
-              y: torch.Tensor | None = None) -> torch.Tensor:
+              y: torch.Tensor | None = None, shard: DistInfo = SINGLE) -> torch.Tensor:
     """One (proximal) SGLD step; returns a new detached tensor."""
     x = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(_lse(model(x), y).sum(), [x])
     x = x.detach() + cfg.step_size * _clamp_grad(g, cfg.grad_clamp)
-    return _finish_step(x, cfg).detach()
+    return _finish_step(x, cfg, shard).detach()
 
 
 def pyld_step(model: WideResNet, x: torch.Tensor, cfg: SamplerConfig,
-              y: torch.Tensor | None = None) -> torch.Tensor:
+              y: torch.Tensor | None = None, shard: DistInfo = SINGLE) -> torch.Tensor:
     """One outer step of PYLD-M-N (one full forward/backward, N first-layer inner steps)."""
     x = x.detach().requires_grad_(True)
     h = model.stem(x)
@@ -128,17 +131,19 @@ def pyld_step(model: WideResNet, x: torch.Tensor, cfg: SamplerConfig,
         x = xi.detach() + cfg.inner_step_size * _clamp_grad(gi, cfg.grad_clamp)
         if cfg.image_clamp:
             x = x.clamp(-1.0, 1.0)
-    return _finish_step(x, cfg).detach()
+    return _finish_step(x, cfg, shard).detach()
 
 
-def sample(model: nn.Module, x0: torch.Tensor, cfg: SamplerConfig,
-           y: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
-    """Run the configured chain from ``x0`` for ``steps`` (default ``cfg.steps``) steps."""
+def sample(model: nn.Module, x0: torch.Tensor, cfg: SamplerConfig, y: torch.Tensor | None = None,
+           steps: int | None = None, shard: DistInfo = SINGLE) -> torch.Tensor:
+    """Run the configured chain from ``x0`` for ``steps`` (default ``cfg.steps``) steps.
+
+    ``shard``: under data parallelism, ``x0`` is this rank's slice of the global p(x) batch."""
     step = sgld_step if cfg.kind == "sgld" else pyld_step
     x = x0.detach()
     with bn_mode(model, cfg.bn_mode), input_grad_only(model):
         for _ in range(cfg.steps if steps is None else steps):
-            x = step(model, x, cfg, y)  # type: ignore[arg-type]
+            x = step(model, x, cfg, y, shard)  # type: ignore[arg-type]
     return x
 
 

@@ -29,10 +29,12 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0
     deterministic: bool = False
+    nproc: int = 1  # training processes (torchrun, one GPU each): data-parallel training when > 1
     perf: PerfConfig = field(default_factory=PerfConfig)
 
     def validate(self, where: str) -> None:
         self.perf.validate(f"{where}.perf")
+        _check(self.nproc >= 1, where, "nproc", self.nproc, "an integer >= 1")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, where, "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         _check(self.threads >= 0, where, "threads", self.threads, "an integer >= 0 (0 = torch's default)")

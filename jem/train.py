@@ -32,6 +32,7 @@ from jem.buffer import ReplayBuffer
 from jem.checkpoint import capture_rng, load_verified, restore_rng, save_verified, seed_everything
 from jem.config import OptimConfig, PerfConfig, SamplerConfig, Variant
 from jem.data import BatchStream
+from jem.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_over_ranks
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
 from jem.models import WideResNet, build_model
@@ -150,16 +151,26 @@ class Trainer:
     ``perf`` says how it executes (precision, memory layout, compilation, where the buffer and
     data live, fused optimizer kernels); it never changes what a run computes beyond
     numerical tolerance, and it is not part of the checkpoints.
+
+    ``dist`` (from ``jem.distributed.init`` under ``torchrun``) makes it one rank of a
+    data-parallel run: a DistributedDataParallel model for the loss passes (so SAM's
+    perturbation comes from the all-reduced gradient), this rank's slice of every global
+    batch, its own replay-buffer shard. ``state_dict`` is then collective: every rank calls it.
     """
 
     def __init__(self, variant: Variant, images: torch.Tensor, labels: torch.Tensor,
                  mixture: MixtureStats | None = None, device: torch.device | str = "cpu",
-                 perf: PerfConfig | None = None) -> None:
+                 perf: PerfConfig | None = None, dist: DistInfo = SINGLE) -> None:
         variant.validate(variant.name)
         self.perf = perf or PerfConfig()
         self.perf.validate("perf")
         self.variant = variant
         self.device = torch.device(device)
+        self.dist = dist
+        for key in ("batch_size", "px_batch_size"):
+            if getattr(variant.train, key) % dist.world:
+                raise InputError(f"train.{key} = {getattr(variant.train, key)} does not split evenly over "
+                                 f"{dist.world} processes; make it a multiple of {dist.world}")
         shape = tuple(images.shape[1:])
         m = variant.model
         if shape != (m.in_channels, m.image_size, m.image_size):
@@ -171,11 +182,17 @@ class Trainer:
         self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer, self.sam = build_optimizer(self.model, variant.optim, fused=self.perf.fused_optimizer)
         self.compiled = compile_trunk(self.model, self.device) if self.perf.compile else "eager"
+        self.net: torch.nn.Module = self.model  # what the loss passes run through
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                               else None)
         t, obj = variant.train, variant.objective
         data_device = self.device if self.perf.data_device == "auto" else torch.device(self.perf.data_device)
         buffer_device = self.device if self.perf.buffer_device == "auto" else torch.device(self.perf.buffer_device)
         self.clf_stream = BatchStream(images, labels, t.batch_size, t.seed, 0, variant.augment,
-                                      obj.input_noise, data_device)
+                                      obj.input_noise, data_device, shard=dist)
         self.iters_per_epoch = self.clf_stream.per_epoch
         self.total_steps = t.epochs * self.iters_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -185,12 +202,14 @@ class Trainer:
         if variant.uses_sampler:
             self.px_stream = BatchStream(images, labels, t.px_batch_size, t.seed, 1,
                                          variant.augment if obj.px_augment else None,
-                                         obj.input_noise, data_device)
+                                         obj.input_noise, data_device, shard=dist)
             p0 = build_p0(variant, shape, mixture, buffer_device)
-            self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, buffer_device)
+            self.buffer = ReplayBuffer(variant.buffer.size, p0, variant.buffer.reinit_freq, buffer_device,
+                                       dist=dist, seed=t.seed)
         self.step = 0
         self.sampler_cfg = variant.sampler  # the variant's sampler, with any recovery remedy applied
         self.remedies: list[str] = []
+        self.resharded = False  # resumed from a checkpoint of another number of processes
 
     @property
     def epoch(self) -> int:
@@ -211,20 +230,20 @@ class Trainer:
         x_pos = x_neg = None
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
-            x0, idx, starts = self.buffer.draw(v.train.px_batch_size)
+            x0, idx, starts = self.buffer.draw(v.train.px_batch_size // self.dist.world)
             with autocast(self.device, self.perf.sampler_precision):
-                x_neg = sample(self.model, self._to_device(x0), self.sampler_cfg)
+                x_neg = sample(self.model, self._to_device(x0), self.sampler_cfg, shard=self.dist)
             self.buffer.update(idx, x_neg, starts)
         self.model.train()
         with autocast(self.device, self.perf.precision):
-            loss, stats = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
+            loss, stats = jem_loss(self.net, x_lab, y, x_pos, x_neg, v.objective)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sam is not None:
             self.sam.first_step()
             self.sam.zero_grad()
             with frozen_bn_stats(self.model), autocast(self.device, self.perf.precision):
-                loss_adv, _ = jem_loss(self.model, x_lab, y, x_pos, x_neg, v.objective)
+                loss_adv, _ = jem_loss(self.net, x_lab, y, x_pos, x_neg, v.objective)
             loss_adv.backward()
             self.sam.second_step()
         else:
@@ -266,7 +285,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == until or checkpoint_due:
                     keys = list(sums)
                     values = torch.stack([sums[k].float().cpu() for k in keys]).div(count).tolist()
-                    last = dict(zip(keys, values, strict=True))
+                    last = mean_over_ranks(dict(zip(keys, values, strict=True)), self.dist, self.device)
                     sums, count = {}, 0
                     problem = self.divergence(last)
                     if problem:
@@ -323,16 +342,27 @@ class Trainer:
 
     # ---- whole training state -------------------------------------------------------------
     def state_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The whole training state; ``extra`` carries the caller's own resumable state."""
+        """The whole training state; ``extra`` carries the caller's own resumable state.
+
+        Under data parallelism every rank must call it (the buffer shards and the ranks'
+        generators are gathered); the result is the same on every rank.
+        """
+        buffer = None
+        if self.buffer is not None:
+            local = self.buffer.state_dict()
+            buffer = {"samples": gather_rows(local["samples"], self.dist),
+                      "labels": gather_rows(local["labels"], self.dist),
+                      "generators": gather_objects(local["generator"], self.dist)}
         return {
             "format": CHECKPOINT_FORMAT,
             "variant": self.variant.to_dict(),
             "step": self.step,
             "epoch": self.epoch,
+            "world": self.dist.world,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+            "buffer": buffer,
             "rng": capture_rng(),
             "remedies": list(self.remedies),
             "extra": extra or {},
@@ -349,9 +379,17 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.buffer is not None:
-            self.buffer.load_state_dict(state["buffer"])
         self.step = int(state["step"])
+        self.resharded = int(state.get("world", 1)) != self.dist.world
+        if self.buffer is not None:
+            b = state["buffer"]
+            rows = self.dist.rows(self.buffer.size)  # this rank's shard of the whole buffer
+            generators = b.get("generators") or []
+            same = not self.resharded and len(generators) == self.dist.world
+            self.buffer.load_state_dict({"samples": b["samples"][rows], "labels": b["labels"][rows],
+                                         "generator": generators[self.dist.rank] if same else None})
+            if not same:  # saved by another number of processes: fresh per-rank slot draws
+                self.buffer.reseed(self.variant.train.seed, self.step)
         self.remedies = list(state.get("remedies", []))
         self.sampler_cfg = self._sampler_with(self.remedies)
         restore_rng(state["rng"])

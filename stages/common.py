@@ -155,9 +155,31 @@ class StageRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+class NullRun:
+    """What a non-main rank of a data-parallel stage logs to: nothing (rank 0 logs the run)."""
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any]) -> Iterator[StageRun]:
-    """Start the MLflow run named after the DVC stage (e.g. ``train@sadajem_k5``)."""
+def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
+               main: bool = True) -> Iterator[StageRun | NullRun]:
+    """Start the MLflow run named after the DVC stage (e.g. ``train@sadajem_k5``).
+
+    ``main=False`` (the other ranks of a data-parallel stage) logs nothing."""
+    if not main:
+        yield NullRun()
+        return
     import logging
 
     from filelock import FileLock

@@ -15,6 +15,10 @@ checkpoint and applies the variant's ``recovery`` remedies, each event logged he
 MLflow; once ``recovery.max_retries`` retries are spent the stage exits with status 3 and the
 last good checkpoint stays.
 
+With ``run.nproc`` > 1 the stage relaunches itself under ``torchrun`` (one process per GPU,
+``jem.distributed``): rank 0 logs, writes the checkpoints (with every rank's buffer shard)
+and the outputs; a run resumes on any number of processes.
+
 Outputs: ``final.pt`` (weights, variant, final replay buffer) and ``best_val.pt`` (weights
 with the best validation accuracy) in ``--out``; training metrics JSON; learning curves
 (``steps.csv``, ``val.csv``, ``curves.png``) in ``--plots``.
@@ -24,16 +28,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
+import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jem import distributed
 from jem.checkpoint import CheckpointDir
 from jem.datasets import load_split
+from jem.distributed import barrier
 from jem.gmm import load_mixture_stats
 from jem.metrics import accuracy, calibration, predict_logits
 from jem.models import save_model
@@ -55,18 +65,36 @@ def log(message: str) -> None:
     print(f"[train] {message}", flush=True)
 
 
-def resume(trainer: Trainer, checkpoints: CheckpointDir) -> dict[str, Any]:
+def quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def relaunch_under_torchrun(nproc: int) -> None:
+    """Replace this process by ``torchrun`` running the same stage on ``nproc`` processes."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "stages.train", *sys.argv[1:]]
+    log(f"run.nproc = {nproc}: relaunching under torchrun")
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
+def resume(trainer: Trainer, checkpoints: CheckpointDir, say: Callable[[str], None]) -> dict[str, Any]:
     """Load the newest intact checkpoint into ``trainer``; its extra state ({} when starting over)."""
-    found = checkpoints.latest(log)
+    found = checkpoints.latest(say)
     if found is None:
         return {}
     state, path = found
     try:
         extra = trainer.load_state_dict(state)
     except ValueError as exc:  # written for other params
-        checkpoints.set_aside(f"{path}: {exc}", log)
+        barrier(trainer.dist)  # every rank has read it before rank 0 moves it
+        if trainer.dist.is_main:
+            checkpoints.set_aside(f"{path}: {exc}", say)
+        barrier(trainer.dist)
         return {}
-    log(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch})")
+    moved = (f"; it was written by {state.get('world', 1)} process(es), this run has {trainer.dist.world}: "
+             "buffer shards regrouped, slot draws reseeded") if trainer.resharded else ""
+    say(f"resumed from {path} at step {trainer.step} (epoch {trainer.epoch}){moved}")
     return extra
 
 
@@ -83,6 +111,11 @@ def main() -> None:
 
     params = load_params()
     device = setup_run(params)
+    run_settings = section(params, "run", scale_name(params))
+    if run_settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(run_settings.nproc)
+    info, device = distributed.init(device)
+    say = log if info.is_main else quiet
     name = args.variant
     role = variant_dataset(params, name)
     meta = json.loads((args.data / role / "meta.json").read_text())
@@ -96,15 +129,18 @@ def main() -> None:
     checkpoints = CheckpointDir(args.checkpoints, keep=variant.train.keep_checkpoints)
     best_path = args.checkpoints / "best_val.pt"
 
-    perf = section(params, "run", scale_name(params)).perf
+    perf = run_settings.perf
 
     def new_trainer() -> Trainer:
-        return Trainer(variant, x, y, mixture=mixture, device=device, perf=perf)
+        return Trainer(variant, x, y, mixture=mixture, device=device, perf=perf, dist=info)
 
     trainer = new_trainer()
     if perf.compile:
-        log(f"{name}: {trainer.compiled}")
-    extra = resume(trainer, checkpoints)
+        say(f"{name}: {trainer.compiled}")
+    if info.enabled:
+        say(f"{name}: data parallel over {info.world} processes ({device.type}), "
+            f"{variant.train.batch_size // info.world} labelled images per process and step")
+    extra = resume(trainer, checkpoints, say)
     steps_log: list[dict[str, float]] = extra.get("steps_log", [])
     val_log: list[dict[str, float]] = extra.get("val_log", [])
     best: dict[str, Any] = extra.get("best", {"val_acc": -1.0, "epoch": -1})
@@ -112,14 +148,21 @@ def main() -> None:
     seconds = float(extra.get("seconds", 0.0))
     start = time.perf_counter()
 
-    def state() -> dict[str, Any]:
+    def state_now() -> dict[str, Any]:
         elapsed = seconds + time.perf_counter() - start
         return {"steps_log": steps_log, "val_log": val_log, "best": best, "seconds": elapsed,
                 "recovery_events": events}
 
+    def save_checkpoint(t: Trainer) -> None:
+        state = t.state_dict(extra=state_now())  # collective under data parallelism
+        if info.is_main:
+            checkpoints.save(state, t.step)
+        barrier(info)
+
     tags = {"variant": name, "family": variant.family, "dataset": role, "source": meta["source"]}
-    with mlflow_run(f"train@{name}", params, tags) as run:
+    with mlflow_run(f"train@{name}", params, {**tags, "processes": info.world}, main=info.is_main) as run:
         run.log_params(variant.to_dict())
+        run.log_params({"perf": dataclasses.asdict(perf), "nproc": info.world})
         run.set_tags({"resumed_from_step": trainer.step})
 
         def on_log(step: int, stats: dict[str, float]) -> None:
@@ -129,7 +172,7 @@ def main() -> None:
 
         def on_checkpoint(t: Trainer) -> None:
             if t.step % t.iters_per_epoch:  # epoch ends are saved below, after validation
-                checkpoints.save(t.state_dict(extra=state()), t.step)
+                save_checkpoint(t)
 
         def recover(exc: DivergenceError) -> Trainer:
             """Roll back to the last good checkpoint and apply the next remedy, or give up."""
@@ -141,7 +184,7 @@ def main() -> None:
                 raise RecoveryExhausted(f"{exc} after {len(events)} recovery retries "
                                         f"(recovery.max_retries = {variant.recovery.max_retries}); {kept}") from None
             fresh = new_trainer()
-            found = checkpoints.latest(log)
+            found = checkpoints.latest(say)
             restored = fresh.load_state_dict(found[0]) if found is not None else {}
             steps_log = restored.get("steps_log", [])
             val_log = restored.get("val_log", [])
@@ -153,7 +196,7 @@ def main() -> None:
                      "resumed_from_step": fresh.step, "remedies": list(fresh.remedies),
                      "sampler_steps": fresh.sampler_cfg.steps, "lr": fresh.lr}
             events.append(event)
-            log(f"diverged at step {exc.step}: {exc.reason}; retry {attempt}/{variant.recovery.max_retries}: "
+            say(f"diverged at step {exc.step}: {exc.reason}; retry {attempt}/{variant.recovery.max_retries}: "
                 f"{planned[-1]}, resuming from step {fresh.step} (remedies so far: {', '.join(fresh.remedies)})")
             run.set_tags({f"recovery.{attempt}": f"step {exc.step}: {exc.reason}; {planned[-1]}; "
                                                   f"resumed from step {fresh.step}"})
@@ -164,28 +207,32 @@ def main() -> None:
         while trainer.step < trainer.total_steps:
             epoch_end = (trainer.epoch + 1) * trainer.iters_per_epoch
             try:
-                trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint)
+                trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint, progress=info.is_main)
             except DivergenceError as exc:
                 trainer = recover(exc)
                 continue
             epoch = trainer.epoch
-            if val is not None and (epoch % val_every == 0 or trainer.step == trainer.total_steps):
+            if info.is_main and val is not None and (epoch % val_every == 0 or trainer.step == trainer.total_steps):
                 logits = predict_logits(trainer.model, val[0], device=device)
                 row = {"epoch": epoch, "step": trainer.step, "val_acc": accuracy(logits, val[1]),
                        "val_ece": calibration(logits, val[1]).ece}
                 val_log.append(row)
                 run.log_metrics({"val/acc": row["val_acc"], "val/ece": row["val_ece"]}, step=trainer.step)
-                log(f"{name} epoch {epoch}: val acc {row['val_acc']:.4f}")
+                say(f"{name} epoch {epoch}: val acc {row['val_acc']:.4f}")
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch, "step": trainer.step}
                     save_model(best_path, trainer.model, variant.to_dict(), **best)
             seconds += time.perf_counter() - start
             start = time.perf_counter()
-            checkpoints.save(trainer.state_dict(extra=state()), trainer.step)
+            save_checkpoint(trainer)
 
-        # ---- outputs, built beside the target and swapped in ------------------------------
+        # ---- outputs (rank 0), built beside the target and swapped in -----------------------
+        buffer = trainer.state_dict()["buffer"]  # every rank's shard (collective)
+        if buffer is not None:
+            buffer = {"samples": buffer["samples"], "labels": buffer["labels"]}
+        if not info.is_main:
+            return
         with building(args.out) as tmp:
-            buffer = trainer.buffer.state_dict() if trainer.buffer is not None else None
             save_model(tmp / "final.pt", trainer.model, variant.to_dict(), buffer=buffer,
                        step=trainer.step, epoch=trainer.epoch, dataset=role, remedies=trainer.remedies)
             if best_path.exists():
@@ -209,7 +256,7 @@ def main() -> None:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(args.plots)
         val_text = f"{metrics['val_acc']:.4f}" if metrics["val_acc"] is not None else "n/a"
-        log(f"{name}: {trainer.step} steps in {seconds:.0f}s, val acc {val_text}"
+        say(f"{name}: {trainer.step} steps in {seconds:.0f}s, val acc {val_text}"
             + (f", {len(events)} recoveries ({metrics['remedies']})" if events else ""))
 
 
@@ -221,5 +268,16 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) 
             writer.writerow({k: row.get(k, "") for k in fields})
 
 
+def run() -> None:
+    try:
+        main()
+    finally:
+        if distributed.from_env().enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main_guard(main, {RecoveryExhausted: 3})
+    main_guard(run, {RecoveryExhausted: 3})

@@ -1,0 +1,109 @@
+"""Data-parallel training through torchrun on CPU (gloo, 2 processes) against a single process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from jem.checkpoint import CheckpointDir
+from jem.datasets import save_split
+from jem.gmm import compute_mixture_stats, save_mixture_stats
+from jem.synthetic import make_shapes
+
+from .conftest import ROOT, run_ok, stage_env
+
+# JEM without batch norm (per-process batch statistics differ from a single process's by
+# design), SAM (its perturbation must come from the all-reduced gradient), every chain
+# re-initialised from p0 (whose draws follow the global batch), no sampler noise:
+# deterministic, so two processes must reproduce one.
+VARIANT = {"family": "jem", "optim": {"sam": "sam", "rho": 0.05, "name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
+           "buffer": {"reinit_freq": 1.0}, "sampler": {"noise": 0.0},
+           "train": {"batch_size": 16, "px_batch_size": 8, "checkpoint_every": 3, "keep_checkpoints": 50}}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    shutil.copytree(ROOT / "stages", root / "stages")
+    shutil.copytree(ROOT / "jem", root / "jem")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["scale"] = "tiny"
+    params["scales"]["tiny"]["variant"]["train"].update(epochs=2, log_every=2, checkpoint_every=3)
+    params["methods"]["ddp_jem"] = VARIANT
+    params["variants"] = ["ddp_jem"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data = root / "data" / "tiny" / "cifar10"
+    x, y = make_shapes(96, seed=0)
+    save_split(data / "train.npz", x[:64].numpy(), y[:64].numpy())
+    save_split(data / "val.npz", x[64:].numpy(), y[64:].numpy())
+    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    save_mixture_stats(compute_mixture_stats([(x[:64], y[:64])], 10), root / "gmm" / "tiny" / "cifar10" / "stats.pt")
+    return root
+
+
+def _train(root: Path, tag: str, nproc: int, variant: str = "ddp_jem") -> str:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["run"]["nproc"] = nproc
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**stage_env(), "OMP_NUM_THREADS": "1"}
+    return run_ok([sys.executable, "-m", "stages.train", "--variant", variant, "--data", "data/tiny",
+                   "--gmm", "gmm/tiny", "--out", f"models/{tag}", "--metrics", f"metrics/{tag}.json",
+                   "--plots", f"plots/{tag}", "--checkpoints", f"checkpoints/{tag}"], root, env)
+
+
+def _weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    return torch.load(root / "models" / tag / "final.pt", weights_only=False)["model"]
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one_and_resume_on_another_number(workdir: Path):
+    out = _train(workdir, "single", nproc=1)
+    assert "data parallel" not in out
+    out = _train(workdir, "ddp", nproc=2)
+    assert "relaunching under torchrun" in out and "data parallel over 2 processes (cpu)" in out
+    single, ddp = _weights(workdir, "single"), _weights(workdir, "ddp")
+    assert any(not torch.equal(single[k], ddp[k]) for k in single), "two processes ran, not a copy"
+    _assert_close(single, ddp)
+    metrics = json.loads((workdir / "metrics" / "ddp.json").read_text())
+    assert metrics["steps"] == 8 and metrics["epochs"] == 2
+
+    # rank 0 wrote the checkpoints, with the whole buffer: resume the two-process run's step-3
+    # checkpoint on one process
+    folder = workdir / "checkpoints" / "resumed"
+    shutil.copytree(workdir / "checkpoints" / "ddp", folder)
+    for path in CheckpointDir(folder).paths():
+        if int(path.stem.split("-")[1]) > 3:
+            path.unlink()
+    state, _ = CheckpointDir(folder).latest()
+    assert state["world"] == 2 and state["buffer"]["samples"].shape[0] == 100
+    out = _train(workdir, "resumed", nproc=1)
+    assert "written by 2 process(es), this run has 1: buffer shards regrouped" in out
+    _assert_close(single, _weights(workdir, "resumed"))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id])
+    assert sorted(r.data.tags["processes"] for r in runs) == ["1", "1", "2"], "one MLflow run per stage run"
+
+
+@pytest.mark.slow
+def test_sadajem_with_batch_norm_and_informative_init_trains_on_two_processes(workdir: Path):
+    """Batch norm (per-process statistics, rank 0's running statistics broadcast), SAM with its
+    statistics frozen in the second pass, mixture-initialised buffer shards."""
+    _train(workdir, "sada", nproc=2, variant="sadajem_k5")
+    final = torch.load(workdir / "models" / "sada" / "final.pt", weights_only=False)
+    assert final["buffer"]["samples"].shape[0] == 100  # both shards, gathered by rank 0
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+    assert json.loads((workdir / "metrics" / "sada.json").read_text())["steps"] == 8
