@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,38 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     assert set(status) == {"train@sadajem_k5"}
     third = run_ok([*dvc, "repro"], path, env)
     assert _ran(third) == {f"{s}@sadajem_k5" for s in per_variant} | {"report"}
+
+
+@pytest.mark.slow
+def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: both experiments log every stage they rerun."""
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    if not (path / "dvc.lock").exists():
+        run_ok([*dvc, "repro"], path, env)
+    run_ok(["git", "add", "-A"], path, env)
+    run_ok(["git", "commit", "-qm", "results", "--allow-empty"], path, env)
+    # `++` adds the key if the method block lacks it (rho is not one the tiny scale overrides)
+    experiments = {"rho01": "0.1", "rho04": "0.4"}
+    for name, rho in experiments.items():
+        run_ok([*dvc, "exp", "run", "--queue", "-S", f"++methods.sadajem_k5.optim.rho={rho}", "-n", name], path, env)
+    run_ok([*dvc, "queue", "start", "-j", "2"], path, env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = run_ok([*dvc, "queue", "status"], path, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id], max_results=1000)
+    rerun = {f"{s}@sadajem_k5" for s in ("train", "sample", "evaluate", "fid", "robustness")} | {"report"}
+    for name, rho in experiments.items():
+        mine = [r for r in runs if r.data.tags.get("dvc_exp") == name]
+        assert sorted(r.info.run_name for r in mine) == sorted(rerun), name
+        assert all(r.info.status == "FINISHED" for r in mine)
+        train = next(r for r in mine if r.info.run_name == "train@sadajem_k5")
+        assert train.data.params["optim.rho"] == rho
