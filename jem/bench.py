@@ -4,6 +4,7 @@
     jem-bench --variant sadajem_k5 --device cuda --depth 28 --width 10 --batch 64
     jem-bench --compare --report reports/performance.md   # baseline vs fast paths, side by side
     jem-bench --json bench.json                 # also write the figures as JSON
+    jem-bench --compare --fid 50000 --report reports/performance.md   # and the FID stage's work
 
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
@@ -37,6 +38,7 @@ import yaml
 
 from jem.config import ConfigError, PerfConfig, Variant
 from jem.gmm import compute_mixture_stats
+from jem.inception import InceptionUnavailable
 from jem.models import count_flops
 from jem.params import resolve_variant
 from jem.synthetic import make_shapes
@@ -152,6 +154,82 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
     return row
 
 
+def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, channels_last: bool = False,
+                  weights: str | None = None) -> dict[str, Any]:
+    """Time what the ``fid`` stage does for ``n_images`` samples: Inception pool features and
+    logits (fp32, batched on ``device``), their mean and covariance, IS, and the Frechet
+    distance to cached reference statistics.
+
+    Without ``weights`` the network has pytorch-fid's architecture with random weights: the
+    same arithmetic, so the same time, but the scores themselves mean nothing.
+    """
+    import numpy as np
+
+    from jem.inception import (
+        FIDInception,
+        feature_stats,
+        fid_inception_architecture,
+        frechet_distance,
+        inception_outputs,
+        inception_score,
+        load_fid_inception,
+    )
+
+    torch.manual_seed(0)
+    if weights:
+        model = load_fid_inception(weights, device=device)
+    else:
+        net = fid_inception_architecture()
+        with torch.no_grad():  # small random weights: finite features, a well-conditioned covariance
+            for name, t in net.state_dict().items():
+                if name.endswith("running_var"):
+                    t.copy_(torch.rand_like(t) + 0.5)
+                elif t.is_floating_point():
+                    t.copy_(torch.randn_like(t) * (0.1 if t.dim() > 1 else 0.01))
+        model = FIDInception(net).to(device)
+    images = np.random.default_rng(0).integers(0, 256, (n_images, 3, 32, 32), dtype=np.uint8)
+    inception_outputs(model, images[:batch_size], batch_size, device, progress=False, channels_last=channels_last)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    feats, logits = inception_outputs(model, images, batch_size, device, progress=False, channels_last=channels_last)
+    _sync(device)
+    t_features = time.perf_counter() - start
+    reference = feature_stats(feats[: max(2, n_images // 2)])  # the pipeline loads cached statistics
+    start = time.perf_counter()
+    stats = feature_stats(feats)
+    inception_score(logits, splits=min(10, n_images))
+    t_stats = time.perf_counter() - start
+    start = time.perf_counter()
+    frechet_distance(stats, reference)
+    t_frechet = time.perf_counter() - start
+    per_image = (t_features + t_stats) / n_images  # features, covariance and IS grow with n; sqrtm does not
+    return {
+        "device": _device_name(device),
+        "images": n_images,
+        "batch": batch_size,
+        "channels_last": channels_last,
+        "weights": weights or "random (timing only)",
+        "features_s": t_features,
+        "images_per_s": n_images / t_features,
+        "stats_is_s": t_stats,
+        "frechet_s": t_frechet,
+        "total_s": t_features + t_stats + t_frechet,
+        "projected_50k_s": 50_000 * per_image + t_frechet,
+        "peak_memory_mb": _peak_memory_mb(device),
+        "memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS",
+    }
+
+
+def _format_fid(r: dict[str, Any]) -> str:
+    return (f"FID of {r['images']} samples on {r['device']} (batch {r['batch']}, channels_last "
+            f"{r['channels_last']}, weights {r['weights']}): Inception {r['features_s']:.1f} s "
+            f"({r['images_per_s']:.0f} img/s), mean/cov + IS {r['stats_is_s']:.2f} s, Frechet distance "
+            f"{r['frechet_s']:.2f} s; total {r['total_s']:.1f} s; projected for 50,000 samples "
+            f"{r['projected_50k_s']:.0f} s; peak {r['peak_memory_mb']:.0f} MB ({r['memory_kind']})")
+
+
 def _format(rows: list[dict[str, Any]]) -> str:
     head = ("variant", "mode", "model", "batch", "sampler", "sam", "ms/iter", "img/s", "min/epoch*", "TFLOP/s",
             "peak MB")
@@ -171,11 +249,39 @@ def _ratios(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
             for v, m in by if m == "fast" and (v, "baseline") in by]
 
 
-def markdown_report(rows: list[dict[str, Any]], command: str) -> str:
-    """``reports/performance.md``: the side-by-side table, the device, the settings, the ratios."""
+def markdown_report(rows: list[dict[str, Any]], command: str, fid: dict[str, Any] | None = None) -> str:
+    """``reports/performance.md``: the side-by-side table, the device, the settings, the ratios,
+    and the FID timing when there is one."""
+    lines = ["# Speed: baseline against the fast paths", ""]
+    if rows:
+        lines += _training_section(rows, command)
+    if fid:
+        lines += _fid_section(fid, command)
+    return "\n".join(lines) + "\n"
+
+
+def _fid_section(r: dict[str, Any], command: str) -> list[str]:
+    return [
+        "## FID and IS",
+        "",
+        f"Measured by `{command}` on **{r['device']}**: what the `fid` stage does for {r['images']:,} samples "
+        f"(Inception fp32 at batch {r['batch']}, channels_last {r['channels_last']}; weights: {r['weights']}).",
+        "",
+        "| samples | Inception s | img/s | mean/cov + IS s | Frechet s | total s | projected 50k s | peak MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r['images']} | {r['features_s']:.1f} | {r['images_per_s']:.0f} | {r['stats_is_s']:.2f} | "
+        f"{r['frechet_s']:.2f} | {r['total_s']:.1f} | {r['projected_50k_s']:.0f} | {r['peak_memory_mb']:.0f} |",
+        "",
+        "Projected: the per-sample cost (Inception, covariance, IS) x 50,000 plus the matrix square "
+        "root, which does not grow with the sample count.",
+        "",
+    ]
+
+
+def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
     first = rows[0]
     lines = [
-        "# Training speed: baseline against the fast paths",
+        "## Training",
         "",
         f"Measured by `{command}` on **{first['device']}** (torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU threads), {first['steps_timed']} timed iterations after warm-up; "
@@ -196,7 +302,7 @@ def markdown_report(rows: list[dict[str, Any]], command: str) -> str:
     lines += ["", "\\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled batch x ms/iter.", "",
               "Speed-up of the fast paths (baseline ms/iter / fast ms/iter):", ""]
     lines += [f"- {v}: **{ratio:.2f}x**" for v, ratio in _ratios(rows)]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile in the fast mode: auto = on CUDA only")
     ap.add_argument("--report", type=Path, help="write the side-by-side table as Markdown (with --compare)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--fid", type=int, metavar="N", help="also time IS/FID of N samples (the fid stage's work)")
+    ap.add_argument("--fid-batch", type=int, default=500, help="Inception batch size for --fid")
+    ap.add_argument("--inception-weights", help="pytorch-fid weights for --fid (default: random, timing only)")
+    ap.add_argument("--skip-train", action="store_true", help="only the --fid timing")
     args = ap.parse_args(argv)
 
     if args.device == "auto":
@@ -225,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
         return 2
-    if args.report and not args.compare:
+    if args.report and not (args.compare or args.skip_train):
         print("error: --report writes the side-by-side table; add --compare", file=sys.stderr)
+        return 2
+    if args.skip_train and not args.fid:
+        print("error: --skip-train leaves nothing to time; add --fid N", file=sys.stderr)
+        return 2
+    if args.fid is not None and args.fid < 2:
+        print(f"error: --fid {args.fid}: need at least 2 samples for a covariance", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read --params {args.params}: {exc.strerror}", file=sys.stderr)
         return 2
     rows = []
-    for name in args.variant or DEFAULT_VARIANTS:
+    for name in [] if args.skip_train else args.variant or DEFAULT_VARIANTS:
         try:
             d = resolve_variant(params, name, scale).to_dict()
             if args.depth:
@@ -258,17 +374,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name} ({label}): WRN-{variant.model.depth}-{variant.model.width}, batch "
                   f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device} ...", flush=True)
             rows.append(benchmark(variant, device, args.steps, args.warmup, perf=perf, label=label))
-    print(f"\ndevice: {rows[0]['device']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"scale {scale}  memory: {rows[0]['memory_kind']}")
-    print(_format(rows))
-    for v, ratio in _ratios(rows):
-        print(f"{v}: fast / baseline speed-up {ratio:.2f}x")
+    if rows:
+        print(f"\ndevice: {rows[0]['device']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+              f"scale {scale}  memory: {rows[0]['memory_kind']}")
+        print(_format(rows))
+        for v, ratio in _ratios(rows):
+            print(f"{v}: fast / baseline speed-up {ratio:.2f}x")
+    fid = None
+    if args.fid:
+        print(f"[bench] FID of {args.fid} samples on {device} ...", flush=True)
+        try:
+            fid = benchmark_fid(device, args.fid, args.fid_batch, channels_last=device.type == "cuda",
+                                weights=args.inception_weights)
+        except InceptionUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(_format_fid(fid))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"training": rows, "fid": fid} if fid else rows, indent=2))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         command = "jem-bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.report.write_text(markdown_report(rows, command))
+        args.report.write_text(markdown_report(rows, command, fid))
         print(f"wrote {args.report}")
     return 0
 

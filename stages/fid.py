@@ -38,7 +38,8 @@ from jem.inception import (
     inception_score,
     load_fid_inception,
 )
-from jem.params import stage_section
+from jem.params import scale_name, stage_section
+from jem.settings import section
 from stages.common import StageError, building, load_params, main_guard, mlflow_run, setup_run, write_json
 
 
@@ -50,6 +51,11 @@ def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device
     except InceptionUnavailable as exc:
         hint = "" if download else " (fid.weights names the file; data.download: true fetches it)"
         raise InceptionUnavailable(f"{exc}{hint}") from None
+
+
+def _nhwc(params: dict[str, Any], device: torch.device) -> bool:
+    """``run.perf.channels_last`` on a GPU: the Inception network runs NHWC (fp32 either way)."""
+    return device.type == "cuda" and section(params, "run", scale_name(params)).perf.channels_last
 
 
 def reference(args: argparse.Namespace) -> None:
@@ -79,7 +85,7 @@ def reference(args: argparse.Namespace) -> None:
                 info.update(status="unavailable", reason=str(exc))
             else:
                 feats, _ = inception_outputs(model, images, int(cfg.get("batch_size", 200)), device,
-                                             desc=f"inception {meta['role']}")
+                                             desc=f"inception {meta['role']}", channels_last=_nhwc(params, device))
                 feature_stats(feats).save(tmp / "stats.npz")
                 info.update(status="ok")
             write_json(tmp / "info.json", info)
@@ -118,7 +124,8 @@ def score(args: argparse.Namespace) -> None:
                             raise StageError(f"fid.sets names {key!r}; {args.samples}/samples.npz holds "
                                              f"{', '.join(f for f in samples.files if not f.startswith('ranked_'))}")
                         feats, logits = inception_outputs(model, samples[key], int(cfg.get("batch_size", 200)),
-                                                          device, desc=f"inception {key}")
+                                                          device, desc=f"inception {key}",
+                                                          channels_last=_nhwc(params, device))
                         is_mean, is_std = inception_score(logits, int(cfg.get("splits", 10)))
                         metrics[key] = {"n": len(feats), "is": is_mean, "is_std": is_std,
                                         "fid": frechet_distance(feature_stats(feats), ref)}

@@ -89,3 +89,15 @@ def test_weights_url_is_pytorch_fids():
     from jem.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
 
     assert FID_WEIGHTS_URL == pfi.FID_WEIGHTS_URL and FID_WEIGHTS_SHA256_PREFIX in pfi.FID_WEIGHTS_URL
+
+
+def test_channels_last_gives_the_same_outputs(random_weights):
+    net = fid_inception_architecture()
+    net.load_state_dict(random_weights)
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    pool, logits = inception_outputs(FIDInception(net), images, progress=False)
+    net_nhwc = fid_inception_architecture()
+    net_nhwc.load_state_dict(random_weights)
+    pool_nhwc, logits_nhwc = inception_outputs(FIDInception(net_nhwc), images, progress=False, channels_last=True)
+    np.testing.assert_allclose(pool_nhwc, pool, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits_nhwc, logits, rtol=1e-4, atol=1e-5)
