@@ -173,19 +173,14 @@ def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, ch
         inception_outputs,
         inception_score,
         load_fid_inception,
+        random_inception_state,
     )
 
-    torch.manual_seed(0)
     if weights:
         model = load_fid_inception(weights, device=device)
     else:
         net = fid_inception_architecture()
-        with torch.no_grad():  # small random weights: finite features, a well-conditioned covariance
-            for name, t in net.state_dict().items():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand_like(t) + 0.5)
-                elif t.is_floating_point():
-                    t.copy_(torch.randn_like(t) * (0.1 if t.dim() > 1 else 0.01))
+        net.load_state_dict(random_inception_state())
         model = FIDInception(net).to(device)
     images = np.random.default_rng(0).integers(0, 256, (n_images, 3, 32, 32), dtype=np.uint8)
     inception_outputs(model, images[:batch_size], batch_size, device, progress=False, channels_last=channels_last)

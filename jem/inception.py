@@ -64,6 +64,23 @@ def fid_inception_architecture() -> nn.Module:
     return net
 
 
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict for ``fid_inception_architecture`` with small random weights and sane
+    batch-norm statistics (finite features, a well-conditioned covariance): the standard
+    network's arithmetic without its weights, for tests and timing. Its scores mean nothing.
+    """
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in fid_inception_architecture().state_dict().items():
+        if name.endswith("running_var"):
+            state[name] = torch.rand(t.shape, generator=g) + 0.5
+        elif t.is_floating_point():
+            state[name] = torch.randn(t.shape, generator=g) * (0.1 if t.dim() > 1 else 0.01)
+        else:
+            state[name] = t
+    return state
+
+
 class FIDInception(nn.Module):
     """Pool features (N, 2048) and logits (N, 1008) of images in [-1, 1]."""
 

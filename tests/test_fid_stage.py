@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import stages.fid as fid_stage
 from jem.datasets import save_split
-from jem.inception import FIDInception, GaussianStats, fid_inception_architecture
+from jem.inception import FIDInception, GaussianStats, fid_inception_architecture, random_inception_state
 
 from .conftest import ROOT
 
@@ -42,13 +41,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
              fresh=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
     (samples / "info.json").write_text(json.dumps({"variant": "sadajem_k5", "dataset": "cifar10",
                                                    "generative": True}))
-    torch.manual_seed(0)
     net = fid_inception_architecture()
-    for k, v in net.state_dict().items():  # torchvision leaves this network's weights to the checkpoint
-        if k.endswith("running_var"):
-            v.fill_(1.0)
-        elif v.is_floating_point():
-            v.normal_(0, 0.05)
+    net.load_state_dict(random_inception_state(seed=0))  # the published weights are not here
     model = FIDInception(net)
     monkeypatch.setattr(fid_stage, "load_fid_inception", lambda *a, **k: model)
     monkeypatch.chdir(tmp_path)

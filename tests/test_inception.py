@@ -15,23 +15,14 @@ from jem.inception import (
     fid_inception_architecture,
     inception_outputs,
     load_fid_inception,
+    random_inception_state,
 )
 
 
 @pytest.fixture(scope="module")
 def random_weights() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    net = fid_inception_architecture()
-    # torchvision skips its weight init for this network; give every tensor a sane random value
-    state = {}
-    for k, v in net.state_dict().items():
-        if k.endswith("running_var"):
-            state[k] = torch.rand_like(v) + 0.5
-        elif v.is_floating_point():
-            state[k] = torch.randn_like(v) * (0.1 if v.dim() > 1 else 0.01)
-        else:
-            state[k] = v
-    return state
+    # torchvision skips its weight init for this network; every tensor gets a sane random value
+    return random_inception_state(seed=0)
 
 
 def test_architecture_is_pytorch_fids_and_computes_the_same_features(monkeypatch, random_weights):
