@@ -63,6 +63,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_stage(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", [argv[0], *argv[1:]])
+    monkeypatch.delitem(sys.modules, argv[0], raising=False)  # run it as `python -m` would, from scratch
     with pytest.raises(SystemExit) as stopped:
         runpy.run_module(argv[0], run_name="__main__", alter_sys=False)
     return int(stopped.value.code), capsys.readouterr().err
