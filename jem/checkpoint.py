@@ -9,7 +9,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ class CorruptCheckpoint(InputError):
     """A checkpoint file that fails its checksum (truncated, corrupted, or not a checkpoint)."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``obj`` to a temporary file in the same folder, fsync it, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
 
     A reader (or a crash) never sees a partially written file at ``path``.
     """
@@ -31,7 +31,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -39,6 +39,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def capture_rng() -> dict[str, Any]:
@@ -78,21 +83,13 @@ def save_verified(obj: Any, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getbuffer()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(hashlib.sha256(payload).digest())
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(fh: BinaryIO) -> None:
+        fh.write(MAGIC)
+        fh.write(hashlib.sha256(payload).digest())
+        fh.write(payload)
+
+    atomic_write(path, write)
 
 
 def load_verified(path: str | os.PathLike[str]) -> Any:

@@ -14,7 +14,6 @@ uncompressed ``.npz`` file, written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from jem.checkpoint import atomic_write
 from jem.errors import InputError
 
 
@@ -205,18 +205,8 @@ def save_split(path: str | os.PathLike[str], images: np.ndarray, labels: np.ndar
     """Write one uncompressed ``.npz`` with arrays 'images' and 'labels' to exactly ``path``, atomically."""
     path = Path(path)
     _check_split(images, labels, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:  # a file object, so numpy appends no ".npz" to the name
-            np.savez(fh, images=images, labels=labels)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # a file object, so numpy appends no ".npz" to the name
+    atomic_write(path, lambda fh: np.savez(fh, images=images, labels=labels))
 
 
 def load_split(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
