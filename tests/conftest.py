@@ -70,3 +70,18 @@ def run_ok(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{out[-6000:]}"
     return out
+
+
+def write_prepared_shapes(data: Path, n: int, train: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared CIFAR-10 stand-in as the prepare stage writes it: ``train`` shapes for training,
+    the other ``n - train`` for validation, and meta.json. Returns all the images and labels."""
+    import json
+
+    from jem.datasets import save_split
+    from jem.synthetic import make_shapes
+
+    x, y = make_shapes(n, seed=0)
+    save_split(data / "train.npz", x[:train].numpy(), y[:train].numpy())
+    save_split(data / "val.npz", x[train:].numpy(), y[train:].numpy())
+    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    return x, y

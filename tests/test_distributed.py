@@ -12,11 +12,9 @@ import torch
 import yaml
 
 from jem.checkpoint import CheckpointDir
-from jem.datasets import save_split
 from jem.gmm import compute_mixture_stats, save_mixture_stats
-from jem.synthetic import make_shapes
 
-from .conftest import ROOT, run_ok, stage_env
+from .conftest import ROOT, run_ok, stage_env, write_prepared_shapes
 
 # JEM without batch norm (per-process batch statistics differ from a single process's by
 # design), SAM (its perturbation must come from the all-reduced gradient), every chain
@@ -39,10 +37,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["variants"] = ["ddp_jem"]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     data = root / "data" / "tiny" / "cifar10"
-    x, y = make_shapes(96, seed=0)
-    save_split(data / "train.npz", x[:64].numpy(), y[:64].numpy())
-    save_split(data / "val.npz", x[64:].numpy(), y[64:].numpy())
-    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    x, y = write_prepared_shapes(data, 96)
     save_mixture_stats(compute_mixture_stats([(x[:64], y[:64])], 10), root / "gmm" / "tiny" / "cifar10" / "stats.pt")
     return root
 

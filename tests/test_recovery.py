@@ -13,11 +13,9 @@ import yaml
 
 import jem.train
 from jem.checkpoint import CheckpointDir
-from jem.datasets import save_split
-from jem.synthetic import make_shapes
 from jem.train import Trainer
 
-from .conftest import ROOT, tiny_variant
+from .conftest import ROOT, tiny_variant, write_prepared_shapes
 
 
 def test_divergence_signs():
@@ -65,10 +63,7 @@ def stage_dir(tmp_path, monkeypatch):
     params["methods"]["jem_k20"]["recovery"] = {"max_retries": 2, "remedies": ["lower_lr", "more_steps"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     data = tmp_path / "data" / "tiny" / "cifar10"
-    x, y = make_shapes(80, seed=0)
-    save_split(data / "train.npz", x[:64].numpy(), y[:64].numpy())
-    save_split(data / "val.npz", x[64:].numpy(), y[64:].numpy())
-    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    write_prepared_shapes(data, 80)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["train", "--variant", "jem_k20", "--data", "data/tiny", "--gmm", "gmm/tiny",
