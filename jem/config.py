@@ -147,6 +147,9 @@ class AugmentConfig:
                "'reflect' or 'constant'")
 
 
+POS_FORWARD = ("before_sampler", "after_sampler")
+
+
 @dataclass
 class ObjectiveConfig:
     generative: bool = True  # False: softmax classifier only (no sampler, no buffer)
@@ -155,12 +158,19 @@ class ObjectiveConfig:
     energy_l2: float = 0.0  # IGEBM energy L2: l2 * (E(x+)^2 + E(x-)^2)
     px_augment: bool = True  # JEM/JEM++: True; SADA-JEM: False (p(x) batch un-augmented)
     input_noise: float = 0.03  # Gaussian noise added to training inputs (both batches)
+    # When the x+ forward runs, relative to the sampler (the labelled forward always runs last,
+    # so eval mode normalises with statistics of labelled data, as in every reference script):
+    # before_sampler: x+, sampler, x-, labelled (JEM++ --plc alltrain1, SADA-JEM);
+    # after_sampler: sampler, x+, x-, labelled (JEM; JEM++ --plc alltrain2).
+    pos_forward: str = "before_sampler"
 
     def validate(self, where: str) -> None:
         _check(self.clf_weight >= 0, where, "clf_weight", self.clf_weight, "a value >= 0")
         _check(self.px_weight >= 0, where, "px_weight", self.px_weight, "a value >= 0")
         _check(self.energy_l2 >= 0, where, "energy_l2", self.energy_l2, "a value >= 0")
         _check(self.input_noise >= 0, where, "input_noise", self.input_noise, "a value >= 0")
+        _check(self.pos_forward in POS_FORWARD, where, "pos_forward", self.pos_forward,
+               " or ".join(repr(p) for p in POS_FORWARD))
 
 
 @dataclass

@@ -31,6 +31,28 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500
     return torch.cat(out) if out else torch.empty(0)
 
 
+def with_reestimated_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
+                        device: torch.device | str = "cpu") -> nn.Module:
+    """A copy of ``model`` whose batch-norm running statistics are re-estimated on ``images``
+    (uint8 or [-1, 1] floats, e.g. the un-augmented training split): the running mean and
+    variance become the averages over all batches (``torch.optim.swa_utils.update_bn``).
+
+    Eval-mode accuracy with these statistics against the model's own shows whether its
+    running statistics describe the data it classifies (they do when the labelled forward is
+    the last train-mode forward of each iteration, as in the reference scripts). A model
+    without batch norm is returned as it is."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    import copy
+
+    from torch.optim.swa_utils import update_bn
+
+    copied = copy.deepcopy(model).to(device)
+    batches = (to_unit_range(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size))
+    update_bn(batches, copied)
+    return copied.eval()
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 

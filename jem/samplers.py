@@ -11,7 +11,8 @@ class is given):
   slack variable ``p = dLSE/dh`` at the output ``h = f0(x)`` of the first layer; N inner
   steps then move x along ``grad_x <p, f0(x)>`` only through the first layer, clamped and
   scaled by ``inner_step_size``. An outer step of ``step_size * clamp(dLSE/dx)`` precedes
-  the inner steps when ``step_size > 0`` (the reference's ``sgld_lr``); noise follows them.
+  the inner steps when ``step_size > 0`` (the reference's ``sgld_lr``); noise follows them,
+  unclamped, as in the JEM++ reference (each inner step clamps x to the box).
   When f0 is a single linear convolution, ``grad_x <p, f0(x)>`` equals the outer gradient
   at every inner step, so the N inner steps are N identical clamped steps.
 
@@ -35,12 +36,17 @@ from jem.models import WideResNet
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Batch norm keeps using batch statistics but its running statistics are not updated."""
+def frozen_bn_stats(model: nn.Module, count_batches: bool = False) -> Iterator[None]:
+    """Batch norm keeps using batch statistics but its running statistics are not updated.
+
+    ``count_batches``: the forwards still count in ``num_batches_tracked``, as the SADA-JEM
+    reference's ``disable_running_stats`` (momentum 0) leaves it for SAM's second pass; the
+    count only matters for a cumulative average (momentum None), which no family uses."""
     saved = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved.append((m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None))
+            tracked = m.num_batches_tracked
+            saved.append((m, m.momentum, None if tracked is None or count_batches else tracked.clone()))
             m.momentum = 0.0
     try:
         yield
@@ -131,7 +137,9 @@ def pyld_step(model: WideResNet, x: torch.Tensor, cfg: SamplerConfig,
         x = xi.detach() + cfg.inner_step_size * _clamp_grad(gi, cfg.grad_clamp)
         if cfg.image_clamp:
             x = x.clamp(-1.0, 1.0)
-    return _finish_step(x, cfg, shard).detach()
+    # noise after the inner steps and not clamped (JEM++ reference: the next outer step's
+    # inner steps clamp again)
+    return _finish_step(x, dataclasses.replace(cfg, image_clamp=False), shard).detach()
 
 
 def sample(model: nn.Module, x0: torch.Tensor, cfg: SamplerConfig, y: torch.Tensor | None = None,

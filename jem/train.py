@@ -1,15 +1,20 @@
 """One training step and the loop around it, driven by a ``Variant``.
 
-Per iteration (Algorithm 1 of SADA-JEM / Algorithm 2 of JEM++, mini-batched):
+Per iteration (Algorithm 1 of SADA-JEM / Algorithm 2 of JEM++, mini-batched), with every
+batch-norm running-statistics update in the order of the family's reference script:
 
 1. a labelled batch (augmented) and, for the generative families, a p(x) batch
    (augmented for JEM/JEM++, not for SADA-JEM: ``objective.px_augment``);
-2. chain starts from the replay buffer, ``reinit_freq`` of them re-drawn from p0;
-   the sampler runs once and its detached output x- goes back to the buffer;
-3. the loss of ``jem.objectives.jem_loss`` and its gradient;
-4. with SAM/ASAM, a second loss and gradient at the perturbed weights (same x-, batch
-   norm running statistics frozen), then the base optimizer steps;
-5. the per-iteration learning-rate schedule (linear warm-up, then step or cosine).
+2. the x+ forward, when ``objective.pos_forward`` is ``before_sampler`` (JEM++, SADA-JEM);
+3. chain starts from the replay buffer, ``reinit_freq`` of them re-drawn from p0;
+   the sampler runs once (its forwards update the running statistics when
+   ``sampler.bn_mode`` is ``train``) and its detached output x- goes back to the buffer;
+4. the x+ forward (``after_sampler``: JEM), the x- forward and the labelled forward last
+   (``jem.objectives``), then the loss and its gradient;
+5. with SAM/ASAM, a second loss and gradient at the perturbed weights (same x+, x- and
+   labelled batches, batch-norm running statistics frozen), then the base optimizer steps;
+6. the per-iteration learning-rate schedule: linear warm-up from 0 (``lr * it / warmup``,
+   as the reference scripts), then step or cosine.
 
 Statistics stay on the device and are read out every ``train.log_every`` iterations.
 ``state_dict`` holds the whole training state (model, optimizer, scheduler, buffer, step,
@@ -36,7 +41,7 @@ from jem.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
 from jem.models import WideResNet, build_model
-from jem.objectives import jem_loss
+from jem.objectives import forward_passes, loss_from_passes
 from jem.sam import SAM
 from jem.samplers import frozen_bn_stats, sample
 
@@ -67,7 +72,9 @@ class LRFactor:
         self.total = max(total_iters, 1)
 
     def __call__(self, it: int) -> float:
-        factor = min(1.0, (it + 1) / self.warmup) if self.warmup > 0 else 1.0
+        # the reference scripts set lr * cur_iter / warmup_iters while cur_iter <= warmup_iters,
+        # so iteration 0 runs at lr 0
+        factor = min(1.0, it / self.warmup) if self.warmup > 0 else 1.0
         if self.schedule == "step":
             epoch = it // self.per_epoch
             factor *= self.gamma ** sum(epoch >= m for m in self.milestones)
@@ -226,24 +233,32 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         """One iteration; returns detached statistics on the device."""
         v, it = self.variant, self.step
+        obj = v.objective
         x_lab, y = (self._to_device(t) for t in self.clf_stream.batch(it))
-        x_pos = x_neg = None
+        x_pos = x_neg = pos = None
+        self.model.train()
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
+            if obj.pos_forward == "before_sampler":  # x+ updates the running statistics first
+                with autocast(self.device, self.perf.precision):
+                    pos = self.net(x_pos)
             x0, idx, starts = self.buffer.draw(v.train.px_batch_size // self.dist.world)
             with autocast(self.device, self.perf.sampler_precision):
                 x_neg = sample(self.model, self._to_device(x0), self.sampler_cfg, shard=self.dist)
             self.buffer.update(idx, x_neg, starts)
-        self.model.train()
+            self.model.train()
         with autocast(self.device, self.perf.precision):
-            loss, stats = jem_loss(self.net, x_lab, y, x_pos, x_neg, v.objective)
+            passes = forward_passes(self.net, x_lab, x_pos, x_neg, pos=pos)  # labelled last
+            loss, stats = loss_from_passes(passes, y, obj)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sam is not None:
             self.sam.first_step()
             self.sam.zero_grad()
-            with frozen_bn_stats(self.model), autocast(self.device, self.perf.precision):
-                loss_adv, _ = jem_loss(self.net, x_lab, y, x_pos, x_neg, v.objective)
+            # the reference's SAM pass: momentum 0 (no running-statistics update), same batches
+            with frozen_bn_stats(self.model, count_batches=True), autocast(self.device, self.perf.precision):
+                passes = forward_passes(self.net, x_lab, x_pos, x_neg)
+                loss_adv, _ = loss_from_passes(passes, y, obj)
             loss_adv.backward()
             self.sam.second_step()
         else:

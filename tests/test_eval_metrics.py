@@ -13,7 +13,7 @@ from torch import nn
 from jem.config import ModelConfig
 from jem.inception import GaussianStats, feature_stats, frechet_distance, inception_score
 from jem.landscape import energy_curve, energy_sum, filter_normalized_direction
-from jem.metrics import calibration
+from jem.metrics import calibration, with_reestimated_bn
 from jem.models import WideResNet
 from jem.ood import auroc, ood_scores
 
@@ -27,6 +27,27 @@ def _logits_with_confidence(conf: list[float], pred: list[int], classes: int = 4
         probs[i] = (1 - c) / (classes - 1)
         probs[i, k] = c
     return probs.log()
+
+
+def test_bn_reestimation_sets_running_statistics_to_the_data_averages():
+    """The re-estimated running mean of the first batch norm is the mean of its input over the
+    data (equal batches: the average of batch means); the model itself is left untouched."""
+    torch.manual_seed(0)
+    model = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, bn_momentum=0.9))
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = with_reestimated_bn(model, images, batch_size=10)
+    assert not copied.training and copied is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = images.float() / 127.5 - 1.0
+    with torch.no_grad():
+        h = model.stem(x)
+    torch.testing.assert_close(copied.blocks[0].bn1.running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    batch_vars = torch.stack([h[i:i + 10].var((0, 2, 3), unbiased=True) for i in range(0, 40, 10)])
+    torch.testing.assert_close(copied.blocks[0].bn1.running_var, batch_vars.mean(0), rtol=1e-5, atol=1e-6)
+    plain = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, norm="none"))
+    assert with_reestimated_bn(plain, images) is plain  # nothing to re-estimate
 
 
 def test_ece_of_hand_built_bins():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -90,17 +91,23 @@ def _tiny_wrn(norm: str = "none") -> WideResNet:
 
 
 def test_pyld_with_one_inner_step_equals_proximal_sgld_step():
+    """Without noise the two agree. PYLD adds its noise after the inner steps and does not clamp
+    it (JEM++ reference); proximal SGLD clamps after the noise (SADA-JEM reference)."""
     model = _tiny_wrn()
     x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
-    prox = SamplerConfig(kind="sgld", step_size=0.2, noise=0.01, grad_clamp=1e-3, image_clamp=True)
+    x0[0, 0, 0, :4] = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)  # at the box edge
+    prox = SamplerConfig(kind="sgld", step_size=0.2, noise=0.0, grad_clamp=1e-3, image_clamp=True)
     pyld = SamplerConfig(kind="pyld", steps=1, inner_steps=1, step_size=0.0, inner_step_size=0.2,
-                         noise=0.01, grad_clamp=1e-3, image_clamp=True)
-    torch.manual_seed(7)
+                         noise=0.0, grad_clamp=1e-3, image_clamp=True)
     a = sample(model, x0, prox, steps=1)
-    torch.manual_seed(7)
     b = sample(model, x0, pyld, steps=1)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
     assert not torch.equal(a, x0)
+    torch.manual_seed(7)
+    noisy = sample(model, x0, dataclasses.replace(pyld, noise=0.01), steps=1)
+    torch.manual_seed(7)
+    torch.testing.assert_close(noisy, b + 0.01 * torch.randn(b.shape, dtype=b.dtype), rtol=0, atol=1e-14)
+    assert noisy.abs().max() > 1.0  # the noise is not clamped away
 
 
 def _lse_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

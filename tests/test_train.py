@@ -12,6 +12,7 @@ import jem.train
 from jem.config import ConfigError, OptimConfig, Variant
 from jem.data import to_unit_range
 from jem.gmm import compute_mixture_stats
+from jem.objectives import jem_loss
 from jem.train import LRFactor, Trainer
 
 from .conftest import tiny_variant
@@ -19,13 +20,13 @@ from .conftest import tiny_variant
 
 def _record_objective_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
     calls: list[dict[str, torch.Tensor]] = []
-    real = jem.train.jem_loss
+    real = jem.train.forward_passes
 
-    def spy(model, x_lab, y, x_pos, x_neg, cfg):
+    def spy(model, x_lab, x_pos, x_neg, pos=None):
         calls.append({"x_lab": x_lab.clone(), "x_pos": None if x_pos is None else x_pos.clone()})
-        return real(model, x_lab, y, x_pos, x_neg, cfg)
+        return real(model, x_lab, x_pos, x_neg, pos=pos)
 
-    monkeypatch.setattr(jem.train, "jem_loss", spy)
+    monkeypatch.setattr(jem.train, "forward_passes", spy)
     return calls
 
 
@@ -67,19 +68,20 @@ def test_energy_l2_adds_the_squared_energies(tiny_data):
     x_lab, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 3])
     x_pos, x_neg = torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 3, 8, 8) * 2 - 1
     model = Trainer(base, images, labels).model.eval()
-    plain, stats = jem.train.jem_loss(model, x_lab, y, x_pos, x_neg, base.objective)
+    plain, stats = jem_loss(model, x_lab, y, x_pos, x_neg, base.objective)
     base.objective.energy_l2 = 0.5
-    with_l2, _ = jem.train.jem_loss(model, x_lab, y, x_pos, x_neg, base.objective)
+    with_l2, _ = jem_loss(model, x_lab, y, x_pos, x_neg, base.objective)
     e_pos = -torch.logsumexp(model(x_pos), 1)
     e_neg = -torch.logsumexp(model(x_neg), 1)
-    torch.testing.assert_close(with_l2 - plain, 0.5 * (e_pos.square().mean() + e_neg.square().mean()))
+    torch.testing.assert_close(with_l2 - plain, 0.5 * (e_pos.mean().square() + e_neg.mean().square()))
     torch.testing.assert_close(stats["loss_gen"], e_pos.mean() - e_neg.mean())
 
 
 def test_lr_schedule_warmup_step_and_cosine():
     step = LRFactor(OptimConfig(schedule="step", milestones=[2, 4], gamma=0.2, warmup_iters=5),
                     iters_per_epoch=10, total_iters=60)
-    assert [step(i) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    # from 0 at iteration 0, as the reference scripts (lr * cur_iter / warmup_iters)
+    assert [step(i) for i in range(6)] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert step(19) == 1.0 and step(20) == pytest.approx(0.2) and step(40) == pytest.approx(0.04)
     cos = LRFactor(OptimConfig(schedule="cosine", warmup_iters=0), iters_per_epoch=10, total_iters=60)
     assert cos(0) == 1.0 and cos(30) == pytest.approx(0.5) and cos(60) == pytest.approx(0.0, abs=1e-12)
@@ -92,7 +94,7 @@ def test_trainer_drives_the_base_optimizer_lr(tiny_data):
     lrs = []
     for _ in range(4):
         lrs.append(trainer.train_step()["lr"].item())
-    assert lrs == pytest.approx([0.05 / 3, 0.1 / 3, 0.05, 0.05])
+    assert lrs == pytest.approx([0.0, 0.05 / 3, 0.1 / 3, 0.05])
     scaled = Trainer(tiny_variant(optim={"lr_scale": 0.25, "warmup_iters": 0}), *tiny_data)
     assert scaled.train_step()["lr"].item() == pytest.approx(0.05 * 0.25)
 

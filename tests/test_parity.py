@@ -1,0 +1,347 @@
+"""Reference parity: our Trainer against plain loops written from the reference scripts.
+
+For each family (JEM: wgrathwohl/JEM ``train_wrn_ebm.py``; JEM++: sndnyang/JEMPP
+``train_jempp.py``; SADA-JEM: sndnyang/SADAJEM ``train_sadajem.py``; the softmax baselines, as
+those scripts run with the p(x) term off) a few iterations of ``jem.train.Trainer`` run side by
+side with an independent loop that does what the reference iteration does: its own sampler
+loop, replay-buffer mixing and write-back, loss, SAM/ASAM steps, warm-up and decay, on a copy
+of the same network with a plain ``torch.optim`` optimizer. Both see the same batches (our
+streams are pure functions of the iteration), the same buffer slots and p0 draws, and the same
+global random state at the sampler (so the same SGLD noise). After every iteration the test
+compares the parameters, every batch-norm buffer (running mean, variance and batch count), the
+optimizer state, the sampler output and every replay-buffer row.
+
+The family settings come from the shipped ``params.yaml`` (``families:``), shrunk to a WRN-10-1
+on 8x8 images, so the test also pins what the families are.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import jem.train
+from jem.config import Variant, deep_merge
+from jem.gmm import compute_mixture_stats
+from jem.models import WideResNet
+from jem.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# float32 rounding (the loss terms are summed in another order) grows over the iterations; the
+# DDP test uses the same tolerance
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+ITERATIONS = 8  # crosses the step decay at epoch 1 (6 iterations per epoch below)
+SHRINK = {
+    "model": {"depth": 10, "width": 1, "image_size": 8, "num_classes": 4},
+    "buffer": {"size": 40},
+    "optim": {"warmup_iters": 3, "milestones": [1]},
+    "train": {"epochs": 2, "batch_size": 8, "px_batch_size": 6, "seed": 5, "log_every": 1},
+}
+
+
+def family_variant(family: str, **overrides: Any) -> Variant:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    merged = deep_merge(deep_merge(params["defaults"], params["families"][family]), SHRINK)
+    merged = deep_merge(merged, {"sampler": {"steps": 3, "inner_steps": 2}, "buffer": {"reinit_freq": 0.3}})
+    merged = deep_merge(merged, overrides)
+    return Variant.from_dict({**merged, "name": f"parity_{family}", "family": family})
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=g)
+    return images, torch.arange(48) % 4
+
+
+# ---- the reference iteration, written from the scripts ------------------------------------------
+def lse(f: WideResNet, x: torch.Tensor) -> torch.Tensor:
+    """The scripts' ``f(x)``: CCF.forward = logsumexp of the classifier's logits."""
+    return f(x).logsumexp(1)
+
+
+def ref_sgld(f: WideResNet, x0: torch.Tensor, v: Variant) -> torch.Tensor:
+    s = v.sampler
+    if v.family == "jem":  # train_wrn_ebm.py: eval mode, x += lr * grad + std * randn, no clamps
+        f.eval()
+        x_k = x0.clone().requires_grad_(True)
+        for _ in range(s.steps):
+            f_prime = torch.autograd.grad(lse(f, x_k).sum(), [x_k], retain_graph=True)[0]
+            x_k.data += s.step_size * f_prime + s.noise * torch.randn_like(x_k)
+        f.train()
+        return x_k.detach()
+    # train_sadajem.py: train mode (running statistics updated at every step), clamped gradient,
+    # noise, then the image clamp
+    x_k = x0.clone().requires_grad_(True)
+    for _ in range(s.steps):
+        eta = torch.autograd.grad(lse(f, x_k).sum(), [x_k], retain_graph=True)[0]
+        x_k.data = (x_k + torch.clamp(eta, -s.grad_clamp, s.grad_clamp) * s.step_size).data
+        if s.noise > 0:
+            x_k.data += s.noise * torch.randn_like(x_k)
+        x_k.data = torch.clamp(x_k.data, -1, 1)
+    f.train()
+    return x_k.detach()
+
+
+def ref_pyld(f: WideResNet, x0: torch.Tensor, v: Variant) -> torch.Tensor:
+    """train_jempp.py sample_q with sgld_lr = 0: M outer steps in train mode, each one full
+    forward/backward for p = dLSE/d(layer_one_out), then N inner steps through the first layer
+    (the Hamiltonian sum(layer_one(x) * p)), clamped gradient and image; noise after them. (The
+    script's closing ``-H.backward()`` only fills conv1's .grad, which ``optim.zero_grad()``
+    erases before the loss backward.)"""
+    s = v.sampler
+    eps = s.grad_clamp
+    x_k = x0.clone().requires_grad_(True)
+    for _ in range(s.steps):
+        layer_one_out = f.stem(x_k)
+        e_x = f.logits_from_stem(layer_one_out).logsumexp(1).sum()
+        _, p = torch.autograd.grad(e_x, [x_k, layer_one_out], retain_graph=True)
+        p = p.detach()
+        tmp = x_k.data.clone().requires_grad_(True)
+        for _ in range(s.inner_steps):
+            h = (f.stem(tmp) * p).sum()
+            eta_grad = torch.autograd.grad(h, [tmp], only_inputs=True, retain_graph=True)[0]
+            tmp.data = tmp.data + torch.clamp(eta_grad, -eps, eps) * s.inner_step_size
+            tmp = torch.clamp(tmp, -1, 1)
+        x_k.data = tmp.data
+        if s.noise > 0:
+            x_k.data += s.noise * torch.randn_like(x_k)
+    f.train()
+    return x_k.detach()
+
+
+class Reference:
+    """The reference training state: network, optimizer, replay buffer, iteration counter."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        v = self.v = trainer.variant
+        self.f = copy.deepcopy(trainer.model)
+        o = v.optim
+        if o.name == "sgd":
+            self.optim: torch.optim.Optimizer = torch.optim.SGD(self.f.parameters(), lr=o.lr, momentum=o.momentum,
+                                                                weight_decay=o.weight_decay)
+        else:
+            self.optim = torch.optim.Adam(self.f.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.buffer = trainer.buffer.samples.clone() if trainer.buffer is not None else None
+        self.cur_iter = 0
+        self.per_epoch = trainer.iters_per_epoch
+        self.lr = o.lr
+
+    def set_lr(self) -> None:
+        """The scripts: decay at the start of each epoch in decay_epochs, then the warm-up
+        ``lr = args.lr * cur_iter / warmup_iters`` while cur_iter <= warmup_iters."""
+        o = self.v.optim
+        if self.cur_iter % self.per_epoch == 0 and self.cur_iter // self.per_epoch in o.milestones:
+            self.lr *= o.gamma
+        if self.cur_iter <= o.warmup_iters:
+            self.lr = o.lr * self.cur_iter / float(o.warmup_iters)
+        for group in self.optim.param_groups:
+            group["lr"] = self.lr
+
+    def sample_p_0(self, draw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffer rows at the drawn slots, each replaced by a p0 draw where
+        ``rand(bs) < reinit_freq`` (the global generator, as the scripts draw it)."""
+        inds = draw["idx"]
+        bs = len(inds)
+        buffer_samples = self.buffer[inds]
+        torch.set_rng_state(draw["rng"])
+        choose = torch.rand(bs) < self.v.buffer.reinit_freq
+        random_samples = torch.zeros_like(buffer_samples)
+        if draw["fresh"]:
+            random_samples[choose] = draw["fresh"][0]
+        choose_random = choose.float()[:, None, None, None]
+        return choose_random * random_samples + (1 - choose_random) * buffer_samples, inds
+
+    def step(self, x_lab: torch.Tensor, y_lab: torch.Tensor, x_p_d: torch.Tensor | None,
+             draw: dict[str, Any] | None, sampler_rng: torch.Tensor | None) -> torch.Tensor | None:
+        v, f = self.v, self.f
+        self.set_lr()
+        generative = v.objective.generative
+        sam = v.optim.sam != "none"
+        fp = x_q = None
+        # train_jempp.py --plc alltrain1 and train_sadajem.py: f(x_p_d) before the sampler
+        if generative and v.objective.pos_forward == "before_sampler":
+            fp = lse(f, x_p_d).mean()
+        if generative:
+            x0, inds = self.sample_p_0(draw)
+            torch.set_rng_state(sampler_rng)
+            x_q = ref_pyld(f, x0, v) if v.sampler.kind == "pyld" else ref_sgld(f, x0, v)
+            self.buffer[inds] = x_q
+            if fp is None:  # train_wrn_ebm.py: after the sampler
+                fp = lse(f, x_p_d).mean()
+            fq = lse(f, x_q).mean()
+            loss = -(fp - fq) + v.objective.energy_l2 * (fp ** 2 + fq ** 2)
+        else:
+            loss = torch.zeros(())
+        logits = f(x_lab)  # f.classify(x_lab), always last
+        loss = loss + F.cross_entropy(logits, y_lab)
+        self.optim.zero_grad()
+        loss.backward()
+        if sam:  # sam.py: first_step, the second pass with momentum 0, second_step
+            adaptive = v.optim.sam == "asam"
+            params = [p for p in f.parameters() if p.grad is not None]
+            with torch.no_grad():
+                grad_norm = torch.norm(torch.stack([((torch.abs(p) if adaptive else 1.0) * p.grad).norm(p=2)
+                                                    for p in params]), p=2)
+                scale = v.optim.rho / (grad_norm + 1e-12)
+                old = {}
+                for p in params:
+                    old[p] = p.data.clone()
+                    p.add_((torch.pow(p, 2) if adaptive else 1.0) * p.grad * scale)
+            self.optim.zero_grad()
+            bns = [m for m in f.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            for m in bns:  # disable_running_stats
+                m.backup_momentum, m.momentum = m.momentum, 0
+            loss2 = torch.zeros(())
+            if generative:
+                loss2 = loss2 - (lse(f, x_p_d).mean() - lse(f, x_q).mean())
+            loss2 = loss2 + F.cross_entropy(f(x_lab), y_lab)
+            loss2.backward()
+            for m in bns:  # enable_running_stats
+                m.momentum = m.backup_momentum
+            with torch.no_grad():
+                for p in params:
+                    p.data = old[p]
+            self.optim.step()
+            self.optim.zero_grad()
+        else:
+            self.optim.step()
+        self.cur_iter += 1
+        return x_q
+
+
+# ---- the harness ----------------------------------------------------------------------------------
+def record_draws(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> tuple[list[dict], list[dict]]:
+    """Spy on the buffer's draws (slots, the global random state before, fresh p0 rows) and on
+    the sampler (the global random state at its start, its output)."""
+    draws: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    if trainer.buffer is not None:
+        buffer = trainer.buffer
+        real_draw, real_p0 = buffer.draw, buffer.p0.sample
+
+        def draw(n: int, y: torch.Tensor | None = None) -> Any:
+            fresh: list[torch.Tensor] = []
+
+            def p0_sample(*args: Any, **kwargs: Any) -> Any:
+                out = real_p0(*args, **kwargs)
+                fresh.append(out[0].clone())
+                return out
+
+            rng = torch.get_rng_state()
+            monkeypatch.setattr(buffer.p0, "sample", p0_sample)
+            try:
+                result = real_draw(n, y)
+            finally:
+                monkeypatch.setattr(buffer.p0, "sample", real_p0)
+            draws.append({"rng": rng, "idx": result.idx.clone(), "fresh": fresh, "x0": result.x.clone()})
+            return result
+
+        monkeypatch.setattr(buffer, "draw", draw)
+    real_sample = jem.train.sample
+
+    def sample(model: Any, x0: torch.Tensor, cfg: Any, **kwargs: Any) -> torch.Tensor:
+        rng = torch.get_rng_state()
+        out = real_sample(model, x0, cfg, **kwargs)
+        samples.append({"rng": rng, "out": out.clone()})
+        return out
+
+    monkeypatch.setattr(jem.train, "sample", sample)
+    return draws, samples
+
+
+def assert_same_state(trainer: Trainer, ref: Reference, it: int, lr: float) -> None:
+    ours, theirs = trainer.model.state_dict(), ref.f.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # parameters and every batch-norm buffer (mean, var, num_batches_tracked)
+        torch.testing.assert_close(ours[key], theirs[key], **TOL,
+                                   msg=lambda m, k=key: f"iteration {it}: {k}: {m}")
+    ours_opt, ref_opt = trainer.optimizer.state_dict()["state"], ref.optim.state_dict()["state"]
+    assert ours_opt.keys() == ref_opt.keys()
+    for i in ours_opt:
+        for key in ours_opt[i]:
+            torch.testing.assert_close(torch.as_tensor(ours_opt[i][key]), torch.as_tensor(ref_opt[i][key]),
+                                       **TOL, msg=lambda m, k=key, j=i: f"iteration {it}: "
+                                       f"optimizer state {j}.{k}: {m}")
+    assert lr == pytest.approx(ref.optim.param_groups[0]["lr"], rel=1e-12, abs=1e-15), f"iteration {it}: lr"
+    if ref.buffer is not None:
+        torch.testing.assert_close(trainer.buffer.samples, ref.buffer, **TOL,
+                                   msg=lambda m: f"iteration {it}: replay buffer: {m}")
+
+
+def run_side_by_side(variant: Variant, data: tuple[torch.Tensor, torch.Tensor],
+                     monkeypatch: pytest.MonkeyPatch) -> Trainer:
+    images, labels = data
+    mixture = compute_mixture_stats([(images, labels)], 4) if variant.buffer.init == "gmm" else None
+    trainer = Trainer(variant, images, labels, mixture=mixture)
+    ref = Reference(trainer)
+    draws, samples = record_draws(trainer, monkeypatch)
+    for it in range(ITERATIONS):
+        x_lab, y_lab = trainer.clf_stream.batch(it)
+        x_p_d = trainer.px_stream.batch(it)[0] if trainer.px_stream is not None else None
+        lr = trainer.lr  # the learning rate of this iteration
+        trainer.train_step()
+        after = torch.get_rng_state()
+        draw = draws[it] if draws else None
+        x_q = ref.step(x_lab, y_lab, x_p_d, draw, samples[it]["rng"] if samples else None)
+        torch.set_rng_state(after)  # our next iteration continues from its own random state
+        if x_q is not None:
+            torch.testing.assert_close(samples[it]["out"], x_q, **TOL,
+                                       msg=lambda m, i=it: f"iteration {i}: sampler output: {m}")
+        assert_same_state(trainer, ref, it, lr)
+    return trainer
+
+
+FAMILIES = {
+    "jem": {},
+    "jempp": {},
+    "sadajem": {},  # SAM rho 0.2
+    "softmax": {},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_iterations_match_the_reference_loop(family, data, monkeypatch):
+    trainer = run_side_by_side(family_variant(family, **FAMILIES[family]), data, monkeypatch)
+    assert trainer.step == ITERATIONS
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("sadajem", {"optim": {"sam": "asam", "rho": 2.0}}),  # the public script's default (rho >= 0.5: ASAM)
+    ("sadajem", {"objective": {"energy_l2": 0.5}, "optim": {"sam": "none"}}),  # "w/o DA + L2" (Table 5)
+    ("sadajem", {"sampler": {"noise": 0.01}}),  # noise before the image clamp
+    ("jempp", {"sampler": {"noise": 0.01}}),  # noise after the inner steps, unclamped
+    ("softmax", {"optim": {"sam": "sam", "rho": 0.05}}),  # softmax + SAM (SADA-JEM Table 1)
+    ("jempp", {"objective": {"pos_forward": "after_sampler"}}),  # --plc alltrain2
+])
+def test_variants_of_the_families_match_the_reference_loop(family, overrides, data, monkeypatch):
+    run_side_by_side(family_variant(family, **overrides), data, monkeypatch)
+
+
+def test_running_statistics_describe_the_labelled_batch_last(data):
+    """With momentum 0.9 the running mean after an iteration is 0.9 * (labelled batch mean)
+    + 0.1 * (what came before): the labelled forward is the last train-mode forward."""
+    variant = family_variant("sadajem", optim={"sam": "none"})
+    images, labels = data
+    trainer = Trainer(variant, images, labels, mixture=compute_mixture_stats([(images, labels)], 4))
+    bn = trainer.model.blocks[0].bn1  # sees the stem's output of each batch
+    seen: list[torch.Tensor] = []
+    handle = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().mean((0, 2, 3))))
+    before = bn.running_mean.clone()
+    trainer.train_step()
+    handle.remove()
+    k = variant.sampler.steps
+    assert len(seen) == k + 3  # x+, K sampler steps, x-, labelled
+    expected = before
+    for mean in seen:
+        expected = 0.1 * expected + 0.9 * mean
+    torch.testing.assert_close(bn.running_mean, expected, **TOL)
+    x_lab, _ = trainer.clf_stream.batch(0)
+    lab_mean = trainer.model.stem(x_lab).mean((0, 2, 3))
+    torch.testing.assert_close(seen[-1], lab_mean, **TOL)
