@@ -27,7 +27,7 @@ class SAM:
         self.rho = rho
         self.adaptive = adaptive
         self.eps = eps
-        self._backup: dict[torch.Tensor, torch.Tensor] = {}
+        self._backup: tuple[list[torch.Tensor], list[torch.Tensor]] | tuple[()] = ()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -38,23 +38,33 @@ class SAM:
 
     @torch.no_grad()
     def first_step(self) -> None:
+        """Move every weight with a gradient to ``w + e`` (one fused kernel per step, no Python
+        loop over parameters)."""
         params = self._params_with_grad()
         if not params:
             return
-        scaled = [(p.abs() * p.grad) if self.adaptive else p.grad for p in params]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        grads = [p.grad for p in params]
+        scaled = torch._foreach_mul(params, grads) if self.adaptive else grads
+        if self.adaptive:
+            torch._foreach_abs_(scaled)  # |w| * g (the sign of g does not change the norm)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
         scale = self.rho / (norm + self.eps)
-        self._backup = {}
-        for p in params:
-            e = (p.square() if self.adaptive else 1.0) * p.grad * scale
-            self._backup[p] = p.detach().clone()
-            p.add_(e)
+        if self.adaptive:  # e = rho * w^2 * g / || |w| g ||
+            e = torch._foreach_mul(params, params)
+            torch._foreach_mul_(e, grads)
+        else:  # e = rho * g / ||g||
+            e = list(grads)
+        e = torch._foreach_mul(e, scale)
+        self._backup = params, torch._foreach_add(params, 0.0)  # copies of w
+        torch._foreach_add_(params, e)
 
     @torch.no_grad()
     def second_step(self) -> None:
-        for p, w in self._backup.items():
-            p.copy_(w)
-        self._backup = {}
+        """Restore ``w`` and step the base optimizer with the gradient taken at ``w + e``."""
+        if self._backup:
+            params, saved = self._backup
+            torch._foreach_copy_(params, saved)
+        self._backup = ()
         self.base.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

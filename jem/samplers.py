@@ -13,8 +13,9 @@ class is given):
   scaled by ``inner_step_size``. An outer step of ``step_size * clamp(dLSE/dx)`` precedes
   the inner steps when ``step_size > 0`` (the reference's ``sgld_lr``); noise follows them,
   unclamped, as in the JEM++ reference (each inner step clamps x to the box).
-  When f0 is a single linear convolution, ``grad_x <p, f0(x)>`` equals the outer gradient
-  at every inner step, so the N inner steps are N identical clamped steps.
+  When f0 is a single linear convolution (the WRN's), ``grad_x <p, f0(x)>`` equals the outer
+  gradient at every inner step: the N inner steps are N clamped steps along one gradient,
+  computed once.
 
 Batch norm during sampling is explicit: ``eval`` (running statistics), ``train`` (batch
 statistics and running-stat updates, as the JEM++/SADA-JEM reference code does) or
@@ -119,22 +120,38 @@ def sgld_step(model: nn.Module, x: torch.Tensor, cfg: SamplerConfig,
     return _finish_step(x, cfg, shard).detach()
 
 
+def _linear_stem(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "stem", None), (nn.Conv2d, nn.Linear))
+
+
 def pyld_step(model: WideResNet, x: torch.Tensor, cfg: SamplerConfig,
-              y: torch.Tensor | None = None, shard: DistInfo = SINGLE) -> torch.Tensor:
-    """One outer step of PYLD-M-N (one full forward/backward, N first-layer inner steps)."""
+              y: torch.Tensor | None = None, shard: DistInfo = SINGLE,
+              reuse_outer_gradient: bool | None = None) -> torch.Tensor:
+    """One outer step of PYLD-M-N: one full forward/backward, then N first-layer inner steps.
+
+    The inner steps ascend ``H(x) = <p, stem(x)>`` with the slack ``p = dLSE/dh`` at ``h =
+    stem(x)`` frozen. When the stem is one linear layer (the WRN's first convolution),
+    ``dH/dx = stem^T p`` does not depend on x and is exactly the outer gradient ``dLSE/dx``
+    (LSE sees x only through h): the N inner steps reuse it with no network call, where the
+    reference recomputes it N times. ``reuse_outer_gradient=False`` forces the general path
+    (a forward/backward of the stem per inner step), which a non-linear stem always takes."""
+    reuse = _linear_stem(model) if reuse_outer_gradient is None else reuse_outer_gradient
     x = x.detach().requires_grad_(True)
     h = model.stem(x)
     gx, p = torch.autograd.grad(_lse(model.logits_from_stem(h), y).sum(), [x, h])
     p = p.detach()
     x = x.detach()
+    step = _clamp_grad(gx.detach(), cfg.grad_clamp)
     if cfg.step_size > 0:
-        x = x + cfg.step_size * _clamp_grad(gx, cfg.grad_clamp)
+        x = x + cfg.step_size * step
         if cfg.image_clamp:
             x = x.clamp(-1.0, 1.0)
     for _ in range(cfg.inner_steps):
-        xi = x.requires_grad_(True)
-        (gi,) = torch.autograd.grad((model.stem(xi) * p).sum(), [xi])
-        x = xi.detach() + cfg.inner_step_size * _clamp_grad(gi, cfg.grad_clamp)
+        if not reuse:
+            xi = x.requires_grad_(True)
+            (gi,) = torch.autograd.grad((model.stem(xi) * p).sum(), [xi])
+            x, step = xi.detach(), _clamp_grad(gi, cfg.grad_clamp)
+        x = x + cfg.inner_step_size * step
         if cfg.image_clamp:
             x = x.clamp(-1.0, 1.0)
     # noise after the inner steps and not clamped (JEM++ reference: the next outer step's

@@ -131,6 +131,28 @@ def test_pyld_inner_steps_on_linear_first_layer_repeat_the_outer_gradient(outer)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_pyld_reusing_the_outer_gradient_equals_recomputing_it_per_inner_step(norm):
+    """The cheap path (one gradient per outer step) against the reference's N first-layer
+    forward/backward passes per outer step: same chains, clamps and noise included."""
+    model = _tiny_wrn(norm=norm).train()
+    x0 = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    cfg = SamplerConfig(kind="pyld", steps=3, inner_steps=4, step_size=0.1, inner_step_size=0.2,
+                        noise=0.01, grad_clamp=1e-3, image_clamp=True, bn_mode="train")
+    runs = []
+    for reuse in (False, True):
+        clone = copy.deepcopy(model)
+        torch.manual_seed(11)
+        x = x0
+        for _ in range(cfg.steps):
+            x = pyld_step(clone, x, cfg, reuse_outer_gradient=reuse)
+        runs.append((x, [b.clone() for b in clone.buffers()]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):  # the same running-statistics updates
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.equal(runs[1][0], x0)
+
+
 class TanhStem(nn.Module):
     """f0(x) = tanh(W x) and g(h) = V h: a non-linear first layer with a hand-derivable gradient."""
 
