@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import yaml
 
-from jem.config import ConfigError, PerfConfig, Variant
+from jem.config import ConfigError, PerfConfig, Variant, _describe, resolve_perf
 from jem.gmm import compute_mixture_stats
 from jem.inception import InceptionUnavailable
 from jem.models import count_flops
@@ -54,12 +54,10 @@ def baseline_perf() -> PerfConfig:
 
 
 def fast_perf(device: torch.device, compile: str = "auto") -> PerfConfig:
-    """Every fast path; bf16 only where it is fast (CUDA); torch.compile on CUDA unless told
-    (``compile='on'``): on CPU, inductor's code for the WRN-10-1 sampler measured slower than eager."""
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    use_compile = compile == "on" or (compile == "auto" and device.type == "cuda")
-    return PerfConfig(precision=precision, sampler_precision=precision, channels_last=True, compile=use_compile,
-                      fused_optimizer=True)
+    """``run.perf: auto`` for ``device`` (``jem.config.resolve_perf``); ``compile='on'`` adds
+    torch.compile, which is not part of ``auto`` until it is measured faster on a GPU."""
+    perf, _ = resolve_perf("auto", device)
+    return dataclasses.replace(perf, compile=compile == "on")
 
 
 def iteration_flops(variant: Variant, flops_per_image: int) -> float:
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--compare", action="store_true", help="baseline and fast paths side by side")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                    help="torch.compile in the fast mode: auto = on CUDA only")
+                    help="torch.compile in the fast mode: on, or auto/off = as run.perf: auto (off)")
     ap.add_argument("--report", type=Path, help="write the side-by-side table as Markdown (with --compare)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--fid", type=int, metavar="N", help="also time IS/FID of N samples (the fid stage's work)")
@@ -364,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         modes = ([("baseline", baseline_perf()), ("fast", fast_perf(device, args.compile))] if args.compare
-                 else [("default", None)])
+                 else [("auto", fast_perf(device, args.compile))])
         for label, perf in modes:
             print(f"[bench] {name} ({label}): WRN-{variant.model.depth}-{variant.model.width}, batch "
-                  f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device} ...", flush=True)
+                  f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device}; run.perf: "
+                  f"{_describe(perf)} ...", flush=True)
             rows.append(benchmark(variant, device, args.steps, args.warmup, perf=perf, label=label))
     if rows:
         print(f"\ndevice: {rows[0]['device']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from jem.errors import InputError
 
 
@@ -211,6 +213,42 @@ class PerfConfig:
             _check(getattr(self, key) in PRECISIONS, where, key, getattr(self, key), "'fp32' or 'bf16'")
         for key in ("buffer_device", "data_device"):
             _check(getattr(self, key) in ("auto", "cpu"), where, key, getattr(self, key), "'auto' or 'cpu'")
+
+
+PERF_PRESETS = ("auto", "safe")
+
+
+def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple[PerfConfig, str]:
+    """The execution settings for ``device`` and a line saying which ran.
+
+    ``auto`` (the default): on CUDA the fastest configuration verified correct there (bf16
+    autocast of the loss passes and the sampler, channels_last, fused optimizer, buffer and
+    data on the GPU); on a CPU fp32 with channels_last and the fused optimizer (1.1-1.3x
+    faster there, ``reports/performance.md``; bf16 autocast is slower on CPUs).
+    torch.compile is not part of ``auto``: it has not been measured faster on a GPU yet; turn
+    it on with an explicit ``run.perf`` mapping. ``safe``: fp32, eager, everything off.
+    A mapping is taken as it is."""
+    device = torch.device(device)
+    if isinstance(setting, PerfConfig):
+        return setting, f"explicit run.perf ({_describe(setting)})"
+    if setting == "safe":
+        return PerfConfig(), "safe (fp32, eager)"
+    if setting != "auto":
+        raise ConfigError(f"run.perf = {setting!r}: expected 'auto', 'safe' or a mapping of PerfConfig switches")
+    if device.type == "cuda":
+        perf = PerfConfig(precision="bf16", sampler_precision="bf16", channels_last=True, compile=False,
+                          fused_optimizer=True)
+        return perf, f"auto on CUDA ({_describe(perf)})"
+    perf = PerfConfig(channels_last=True, fused_optimizer=True)
+    return perf, f"auto on {device.type} ({_describe(perf)})"
+
+
+def _describe(perf: PerfConfig) -> str:
+    parts = [f"loss {perf.precision}", f"sampler {perf.sampler_precision}"]
+    parts += [name for name, on in (("channels_last", perf.channels_last), ("compile", perf.compile),
+                                    ("fused optimizer", perf.fused_optimizer)) if on]
+    parts += [f"{k} on cpu" for k in ("buffer_device", "data_device") if getattr(perf, k) == "cpu"]
+    return ", ".join(parts)
 
 
 REMEDIES = ("reseed", "lower_lr", "more_steps")

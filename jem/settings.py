@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from jem.config import ConfigError, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
+from jem.config import PERF_PRESETS, ConfigError, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
 
 SELECT = ("last", "best_val")
 SOURCES_PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
@@ -30,10 +30,18 @@ class RunSettings:
     threads: int = 0
     deterministic: bool = False
     nproc: int = 1  # training processes (torchrun, one GPU each): data-parallel training when > 1
-    perf: PerfConfig = field(default_factory=PerfConfig)
+    # auto (the fastest verified configuration for the device) | safe | a mapping of PerfConfig switches
+    perf: Any = "auto"
 
     def validate(self, where: str) -> None:
-        self.perf.validate(f"{where}.perf")
+        if isinstance(self.perf, dict):
+            self.perf = _build(PerfConfig, self.perf, f"{where}.perf")
+        if isinstance(self.perf, PerfConfig):
+            self.perf.validate(f"{where}.perf")
+        else:
+            _check(self.perf in PERF_PRESETS, where, "perf", self.perf,
+                   f"{' or '.join(repr(p) for p in PERF_PRESETS)}, or a mapping of switches ("
+                   f"{', '.join(PerfConfig.__dataclass_fields__)})")
         _check(self.nproc >= 1, where, "nproc", self.nproc, "an integer >= 1")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, where, "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jem.config import resolve_perf
 from jem.datasets import load_split
 from jem.inception import (
     GaussianStats,
@@ -55,7 +56,8 @@ def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device
 
 def _nhwc(params: dict[str, Any], device: torch.device) -> bool:
     """``run.perf.channels_last`` on a GPU: the Inception network runs NHWC (fp32 either way)."""
-    return device.type == "cuda" and section(params, "run", scale_name(params)).perf.channels_last
+    perf, _ = resolve_perf(section(params, "run", scale_name(params)).perf, device)
+    return device.type == "cuda" and perf.channels_last
 
 
 def reference(args: argparse.Namespace) -> None:

@@ -42,6 +42,7 @@ import torch
 
 from jem import distributed
 from jem.checkpoint import CheckpointDir
+from jem.config import resolve_perf
 from jem.datasets import load_split
 from jem.distributed import barrier
 from jem.gmm import load_mixture_stats
@@ -129,7 +130,8 @@ def main() -> None:
     checkpoints = CheckpointDir(args.checkpoints, keep=variant.train.keep_checkpoints)
     best_path = args.checkpoints / "best_val.pt"
 
-    perf = run_settings.perf
+    perf, perf_line = resolve_perf(run_settings.perf, device)
+    say(f"{name}: run.perf = {perf_line}")
 
     def new_trainer() -> Trainer:
         return Trainer(variant, x, y, mixture=mixture, device=device, perf=perf, dist=info)
@@ -163,6 +165,7 @@ def main() -> None:
     with mlflow_run(f"train@{name}", params, {**tags, "processes": info.world}, main=info.is_main) as run:
         run.log_params(variant.to_dict())
         run.log_params({"perf": dataclasses.asdict(perf), "nproc": info.world})
+        run.set_tags({"perf": perf_line})
         run.set_tags({"resumed_from_step": trainer.step})
 
         def on_log(step: int, stats: dict[str, float]) -> None:

@@ -93,3 +93,28 @@ def test_compiled_trunk_matches_eager(tiny_data):
     else:
         assert fast.compiled.startswith("eager:")
     _assert_close(base, fast, rtol=1e-4, atol=1e-5)
+
+
+def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu():
+    from jem.config import ConfigError, resolve_perf
+    from jem.settings import RunSettings
+
+    cpu, line = resolve_perf("auto", "cpu")
+    assert cpu == PerfConfig(channels_last=True, fused_optimizer=True) and "loss fp32" in line
+    gpu, line = resolve_perf("auto", torch.device("cuda", 0))  # the choice needs no GPU to make
+    switches = (gpu.precision, gpu.sampler_precision, gpu.channels_last, gpu.fused_optimizer)
+    assert switches == ("bf16", "bf16", True, True)
+    assert not gpu.compile, "torch.compile joins auto only once it is measured faster on a GPU"
+    assert (gpu.buffer_device, gpu.data_device) == ("auto", "auto") and "bf16" in line
+    assert resolve_perf("safe", "cuda")[0] == PerfConfig()
+    explicit = PerfConfig(compile=True)
+    assert resolve_perf(explicit, "cuda") == (explicit, "explicit run.perf (loss fp32, sampler fp32, compile)")
+    with pytest.raises(ConfigError, match=r"run.perf = 'fast': expected 'auto', 'safe' or a mapping"):
+        resolve_perf("fast", "cpu")
+    settings = RunSettings(perf={"precision": "bf16"})
+    settings.validate("run")
+    assert settings.perf == PerfConfig(precision="bf16")
+    with pytest.raises(ConfigError, match=r"run.perf = 'fast': expected 'auto' or 'safe', or a mapping"):
+        RunSettings(perf="fast").validate("run")
+    with pytest.raises(ConfigError, match=r"run.perf.precison: unknown key \(did you mean 'precision'\?\)"):
+        RunSettings(perf={"precison": "bf16"}).validate("run")
