@@ -43,6 +43,33 @@ class DistInfo:
 SINGLE = DistInfo()
 
 
+def from_slurm(environ: dict[str, str] | None = None) -> None:
+    """Under SLURM's ``srun`` (one task per GPU) without torchrun: the usual torch variables
+    (RANK, WORLD_SIZE, LOCAL_RANK) from SLURM's, so ``init`` joins the same process group.
+    MASTER_ADDR and MASTER_PORT must be set (the job script exports them)."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        from jem.errors import InputError
+
+        raise InputError(f"running under srun with {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
+                         "unset; export MASTER_ADDR=<first node> MASTER_PORT=<free port> in the job script")
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. a checkpoint only rank 0's machine holds)."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def from_env() -> DistInfo:
     """The rank and world size ``torchrun`` put in the environment (single process otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -29,7 +29,10 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0
     deterministic: bool = False
-    nproc: int = 1  # training processes (torchrun, one GPU each): data-parallel training when > 1
+    nproc: int = 1  # training processes per machine (torchrun, one GPU each): data parallel when > 1
+    nnodes: int = 1  # machines of one training run (torchrun --nnodes, c10d rendezvous)
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (any one of the machines), when nnodes > 1
+    rdzv_id: str = ""  # rendezvous id shared by the machines of one run; empty: jem-<variant>
     # auto (the fastest verified configuration for the device) | safe | a mapping of PerfConfig switches
     perf: Any = "auto"
 
@@ -43,6 +46,11 @@ class RunSettings:
                    f"{' or '.join(repr(p) for p in PERF_PRESETS)}, or a mapping of switches ("
                    f"{', '.join(PerfConfig.__dataclass_fields__)})")
         _check(self.nproc >= 1, where, "nproc", self.nproc, "an integer >= 1")
+        _check(self.nnodes >= 1, where, "nnodes", self.nnodes, "an integer >= 1")
+        if self.rdzv_endpoint or self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            _check(bool(host) and port.isdigit(), where, "rdzv_endpoint", self.rdzv_endpoint,
+                   "host:port of the rendezvous (e.g. node1:29400) when run.nnodes > 1")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, where, "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         _check(self.threads >= 0, where, "threads", self.threads, "an integer >= 0 (0 = torch's default)")

@@ -70,18 +70,28 @@ def quiet(message: str) -> None:
     """The log of ranks other than 0."""
 
 
-def relaunch_under_torchrun(nproc: int) -> None:
-    """Replace this process by ``torchrun`` running the same stage on ``nproc`` processes."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "stages.train", *sys.argv[1:]]
-    log(f"run.nproc = {nproc}: relaunching under torchrun")
+def relaunch_under_torchrun(run: Any, variant: str) -> None:
+    """Replace this process by ``torchrun`` running the same stage: ``run.nproc`` processes on
+    this machine, and with ``run.nnodes`` > 1 this machine's share of a run over several,
+    which meet at the c10d rendezvous ``run.rdzv_endpoint`` (every machine runs the same
+    command; torchrun assigns the node ranks)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run.nproc}"]
+    if run.nnodes > 1:
+        argv += [f"--nnodes={run.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={run.rdzv_endpoint}",
+                 f"--rdzv_id={run.rdzv_id or f'jem-{variant}'}"]
+    else:
+        argv.insert(3, "--standalone")
+    argv += ["-m", "stages.train", *sys.argv[1:]]
+    where = f" on each of {run.nnodes} machines (rendezvous {run.rdzv_endpoint})" if run.nnodes > 1 else ""
+    log(f"run.nproc = {run.nproc}{where}: relaunching under torchrun")
     sys.stdout.flush()
     os.execv(sys.executable, argv)
 
 
 def resume(trainer: Trainer, checkpoints: CheckpointDir, say: Callable[[str], None]) -> dict[str, Any]:
     """Load the newest intact checkpoint into ``trainer``; its extra state ({} when starting over)."""
-    found = checkpoints.latest(say)
+    # rank 0 reads and sends: the other machines of a multi-node run need no shared filesystem
+    found = distributed.broadcast_object(checkpoints.latest(say) if trainer.dist.is_main else None, trainer.dist)
     if found is None:
         return {}
     state, path = found
@@ -113,8 +123,9 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     run_settings = section(params, "run", scale_name(params))
-    if run_settings.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch_under_torchrun(run_settings.nproc)
+    distributed.from_slurm()  # srun: torch's variables from SLURM's
+    if (run_settings.nproc > 1 or run_settings.nnodes > 1) and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(run_settings, args.variant)
     info, device = distributed.init(device)
     say = log if info.is_main else quiet
     name = args.variant
@@ -187,7 +198,7 @@ def main() -> None:
                 raise RecoveryExhausted(f"{exc} after {len(events)} recovery retries "
                                         f"(recovery.max_retries = {variant.recovery.max_retries}); {kept}") from None
             fresh = new_trainer()
-            found = checkpoints.latest(say)
+            found = distributed.broadcast_object(checkpoints.latest(say) if info.is_main else None, info)
             restored = fresh.load_state_dict(found[0]) if found is not None else {}
             steps_log = restored.get("steps_log", [])
             val_log = restored.get("val_log", [])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +53,78 @@ def _train(root: Path, tag: str, nproc: int, variant: str = "ddp_jem") -> str:
     return run_ok([sys.executable, "-m", "stages.train", "--variant", variant, "--data", "data/tiny",
                    "--gmm", "gmm/tiny", "--out", f"models/{tag}", "--metrics", f"metrics/{tag}.json",
                    "--plots", f"plots/{tag}", "--checkpoints", f"checkpoints/{tag}"], root, env)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_machines(workdir: Path, tag: str, run: dict, env_of: list[dict[str, str]]) -> list[Path]:
+    """Two copies of the repository (two machines, no shared filesystem) each start the train
+    stage at once with ``run`` settings and their own extra environment; both must succeed."""
+    roots = []
+    for i in range(2):
+        root = workdir.parent / f"{workdir.name}-{tag}-node{i}"
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(workdir, root, ignore=shutil.ignore_patterns("models", "metrics", "plots", "checkpoints",
+                                                                     "mlflow.db", "mlartifacts"))
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["run"].update(run)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        roots.append(root)
+    cmd = [sys.executable, "-m", "stages.train", "--variant", "ddp_jem", "--data", "data/tiny", "--gmm", "gmm/tiny",
+           "--out", f"models/{tag}", "--metrics", f"metrics/{tag}.json", "--plots", f"plots/{tag}",
+           "--checkpoints", f"checkpoints/{tag}"]
+    procs = [subprocess.Popen(cmd, cwd=root, env={**stage_env(), "OMP_NUM_THREADS": "1", **extra},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for root, extra in zip(roots, env_of, strict=True)]
+    try:
+        outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+    return roots
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_over_c10d_matches_one_process(workdir: Path):
+    """run.nnodes 2: each "machine" relaunches under torchrun --nnodes 2 with the c10d rendezvous
+    on 127.0.0.1 (gloo); node ranks are assigned by torchrun, rank 0's machine writes the outputs."""
+    if not (workdir / "models" / "single" / "final.pt").exists():
+        _train(workdir, "single", nproc=1)
+    run = {"nproc": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "rdzv_id": "two-node-test"}
+    roots = _two_machines(workdir, "nodes", run, [{}, {}])
+    written = [root for root in roots if (root / "models" / "nodes" / "final.pt").exists()]
+    assert len(written) == 1, "exactly one machine (global rank 0) writes the outputs"
+    _assert_close(_weights(workdir, "single"), _weights(written[0], "nodes"))
+    assert json.loads((written[0] / "metrics" / "nodes.json").read_text())["steps"] == 8
+
+
+@pytest.mark.slow
+def test_stage_under_srun_joins_one_process_group(workdir: Path):
+    """Under SLURM's srun (SLURM_PROCID / SLURM_NTASKS, MASTER_ADDR / MASTER_PORT from the job
+    script) the stage needs no torchrun: two tasks train as one data-parallel run."""
+    if not (workdir / "models" / "single" / "final.pt").exists():
+        _train(workdir, "single", nproc=1)
+    port = str(_free_port())
+    envs = [{"SLURM_PROCID": str(i), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port} for i in range(2)]
+    roots = _two_machines(workdir, "srun", {"nproc": 1, "nnodes": 1}, envs)
+    assert (roots[0] / "models" / "srun" / "final.pt").exists()
+    assert not (roots[1] / "models" / "srun" / "final.pt").exists()
+    _assert_close(_weights(workdir, "single"), _weights(roots[0], "srun"))
+    missing = {**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    missing.pop("MASTER_ADDR", None)
+    missing.pop("WORLD_SIZE", None)
+    from jem.distributed import from_slurm
+    from jem.errors import InputError
+
+    with pytest.raises(InputError, match="MASTER_ADDR"):
+        from_slurm(missing)
 
 
 def _weights(root: Path, tag: str) -> dict[str, torch.Tensor]:

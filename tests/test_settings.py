@@ -75,6 +75,9 @@ MALFORMED = [
     (setitem("robustness.bpda.sampler", {"noise": -1}), r"robustness.*bpda.sampler.noise = -1.0: expected a value >= 0"),
     (setitem("fid.sets", ["buffer", "best"]), r"fid.sets = \['buffer', 'best'\]: expected a non-empty list of buffer"),
     (setitem("run.device", "gpu"), r"run.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (setitem("run.nnodes", 2), r"run.rdzv_endpoint = '': expected host:port of the rendezvous"),
+    (setitem("run.rdzv_endpoint", "node1"), r"run.rdzv_endpoint = 'node1': expected host:port"),
+    (setitem("run.perf", "fast"), r"run.perf = 'fast': expected 'auto' or 'safe', or a mapping"),
     (setitem("datasets.cifar10.demo.val", 5000), r"datasets.cifar10.demo.val = 5000: expected fewer than train \(4000\)"),
     # unknown names
     (setitem("variants", ["softmax", "sadajem_k50"]), r"variants: 'sadajem_k50' is not defined \(did you mean 'sadajem_k5'\?\)"),
