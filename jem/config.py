@@ -207,6 +207,9 @@ class PerfConfig:
     buffer_device: str = "auto"  # auto (the training device) | cpu: where the replay buffer and p0 live
     data_device: str = "auto"  # auto (the training device) | cpu: where the prepared dataset lives
     fused_optimizer: bool = False  # fused (else foreach) optimizer kernels
+    # the loss passes (x+, x-, labelled) as one forward of the concatenated batches with per-batch
+    # batch-norm statistics and running-statistics updates in the reference order
+    grouped_passes: bool = False
 
     def validate(self, where: str) -> None:
         for key in ("precision", "sampler_precision"):
@@ -246,7 +249,8 @@ def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple
 def _describe(perf: PerfConfig) -> str:
     parts = [f"loss {perf.precision}", f"sampler {perf.sampler_precision}"]
     parts += [name for name, on in (("channels_last", perf.channels_last), ("compile", perf.compile),
-                                    ("fused optimizer", perf.fused_optimizer)) if on]
+                                    ("fused optimizer", perf.fused_optimizer),
+                                    ("grouped loss passes", perf.grouped_passes)) if on]
     parts += [f"{k} on cpu" for k in ("buffer_device", "data_device") if getattr(perf, k) == "cpu"]
     return ", ".join(parts)
 

@@ -18,6 +18,9 @@ then ``labelled``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +51,78 @@ def forward_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | 
         passes.neg = model(x_neg.detach())
     passes.labelled = model(x_lab)
     return passes
+
+
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_snapshot(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Each batch norm's running mean, variance and batch count now (before the sampler)."""
+    return {m: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+            for m in bn_layers(model) if m.track_running_stats}
+
+
+@contextlib.contextmanager
+def grouped_batch_norm(model: nn.Module, sizes: list[int],
+                       deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+                       ) -> Iterator[None]:
+    """One forward over concatenated batches (``sizes`` rows each, in order) that normalises
+    every batch with its own statistics and updates the running statistics batch by batch, in
+    order: what separate forwards of the batches compute, with one convolution per layer.
+
+    ``deferred`` (a ``bn_snapshot`` taken before the sampler): the first batch (x+) updates the
+    running statistics as if its forward had run at the snapshot, before the sampler's own
+    updates (the reference order when x+ is forwarded before a train-mode sampler). The
+    updates are linear, so after K updates since the snapshot its share is
+    ``(1 - m)^K * m * (batch statistic - snapshot)``. The sampler's outputs never read the
+    running statistics in train mode, so this is exact (up to float rounding)."""
+    saved = []
+
+    def forward(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        if not m.training or not m.track_running_stats:
+            return type(m).forward(m, x)
+        if m.momentum is None:
+            raise ValueError("grouped batch norm needs a momentum (not a cumulative average)")
+        outs = []
+        for i, part in enumerate(x.split(sizes)):
+            if i == 0 and deferred is not None:
+                outs.append(F.batch_norm(part, None, None, m.weight, m.bias, True, 0.0, m.eps))
+                with torch.no_grad():
+                    mean0, var0, count0 = deferred[m]
+                    k = int(m.num_batches_tracked) - count0
+                    share = (1.0 - m.momentum) ** k * m.momentum
+                    flat = part.detach().float().transpose(0, 1).flatten(1)
+                    m.running_mean.add_(share * (flat.mean(1) - mean0))
+                    m.running_var.add_(share * (flat.var(1, unbiased=True) - var0))
+            else:
+                outs.append(F.batch_norm(part, m.running_mean, m.running_var, m.weight, m.bias, True,
+                                         m.momentum, m.eps))
+            m.num_batches_tracked.add_(1)
+        return torch.cat(outs)
+
+    for m in bn_layers(model):
+        saved.append(m)
+        m.forward = functools.partial(forward, m)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in saved:
+            del m.forward
+
+
+def grouped_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | None,
+                   x_neg: torch.Tensor | None,
+                   deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] | None = None) -> Passes:
+    """``forward_passes`` in one forward of the concatenated batches (x+, x-, labelled), with
+    per-batch batch-norm statistics and running-statistics updates in that order."""
+    batches = [x for x in (x_pos, None if x_neg is None else x_neg.detach(), x_lab) if x is not None]
+    sizes = [len(x) for x in batches]
+    with grouped_batch_norm(model, sizes, deferred if x_pos is not None else None):
+        logits = model(torch.cat(batches)).split(sizes)
+    if x_neg is None:
+        return Passes(labelled=logits[-1])
+    return Passes(pos=logits[0], neg=logits[1], labelled=logits[2])
 
 
 def loss_from_passes(passes: Passes, y: torch.Tensor,

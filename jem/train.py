@@ -41,7 +41,7 @@ from jem.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
 from jem.models import WideResNet, build_model
-from jem.objectives import forward_passes, loss_from_passes
+from jem.objectives import bn_snapshot, forward_passes, grouped_passes, loss_from_passes
 from jem.sam import SAM
 from jem.samplers import frozen_bn_stats, sample
 
@@ -235,20 +235,27 @@ class Trainer:
         v, it = self.variant, self.step
         obj = v.objective
         x_lab, y = (self._to_device(t) for t in self.clf_stream.batch(it))
-        x_pos = x_neg = pos = None
+        x_pos = x_neg = pos = deferred = None
+        grouped = self.perf.grouped_passes
         self.model.train()
         if self.buffer is not None and self.px_stream is not None:
             x_pos = self._to_device(self.px_stream.batch(it)[0])
             if obj.pos_forward == "before_sampler":  # x+ updates the running statistics first
-                with autocast(self.device, self.perf.precision):
-                    pos = self.net(x_pos)
+                if grouped and self.sampler_cfg.bn_mode != "eval":  # its update is applied later,
+                    deferred = bn_snapshot(self.model)  # as if here (the sampler never reads it)
+                else:
+                    with autocast(self.device, self.perf.precision):
+                        pos = self.net(x_pos)
             x0, idx, starts = self.buffer.draw(v.train.px_batch_size // self.dist.world)
             with autocast(self.device, self.perf.sampler_precision):
                 x_neg = sample(self.model, self._to_device(x0), self.sampler_cfg, shard=self.dist)
             self.buffer.update(idx, x_neg, starts)
             self.model.train()
         with autocast(self.device, self.perf.precision):
-            passes = forward_passes(self.net, x_lab, x_pos, x_neg, pos=pos)  # labelled last
+            if grouped and pos is None:
+                passes = grouped_passes(self.net, x_lab, x_pos, x_neg, deferred=deferred)
+            else:
+                passes = forward_passes(self.net, x_lab, x_pos, x_neg, pos=pos)  # labelled last
             loss, stats = loss_from_passes(passes, y, obj)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,7 +264,7 @@ class Trainer:
             self.sam.zero_grad()
             # the reference's SAM pass: momentum 0 (no running-statistics update), same batches
             with frozen_bn_stats(self.model, count_batches=True), autocast(self.device, self.perf.precision):
-                passes = forward_passes(self.net, x_lab, x_pos, x_neg)
+                passes = (grouped_passes if grouped else forward_passes)(self.net, x_lab, x_pos, x_neg)
                 loss_adv, _ = loss_from_passes(passes, y, obj)
             loss_adv.backward()
             self.sam.second_step()

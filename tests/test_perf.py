@@ -118,3 +118,37 @@ def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu():
         RunSettings(perf="fast").validate("run")
     with pytest.raises(ConfigError, match=r"run.perf.precison: unknown key \(did you mean 'precision'\?\)"):
         RunSettings(perf={"precison": "bf16"}).validate("run")
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_grouped_passes_equal_separate_forwards_in_float64(deferred):
+    """One forward of [x+, x-, labelled] with per-batch statistics = three forwards in order:
+    logits, gradients and every running statistic, in float64 (so any difference is a bug, not
+    rounding). ``deferred``: x+ comes before three train-mode sampler forwards in the reference
+    order, and the grouped pass applies its update afterwards."""
+    from jem.config import ModelConfig
+    from jem.models import WideResNet
+    from jem.objectives import bn_snapshot, forward_passes, grouped_passes
+
+    torch.manual_seed(0)
+    model = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, bn_momentum=0.9)).double()
+    x_pos, x_neg, x_lab = (torch.randn(n, 3, 8, 8, dtype=torch.float64) for n in (6, 5, 8))
+    sampler_batches = [torch.randn(5, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
+    a, b = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    pos = a(x_pos) if deferred else None  # separate: x+ first, then the "sampler"
+    snapshot = bn_snapshot(b) if deferred else None
+    for m in (a, b):
+        with torch.no_grad():
+            for x in sampler_batches:
+                m(x)
+    sep = forward_passes(a, x_lab, x_pos, x_neg, pos=pos)
+    grp = grouped_passes(b, x_lab, x_pos, x_neg, deferred=snapshot)
+    for name in ("pos", "neg", "labelled"):
+        torch.testing.assert_close(getattr(grp, name), getattr(sep, name), rtol=0, atol=1e-12)
+    for p in (sep, grp):
+        (p.pos.logsumexp(1).mean() - p.neg.logsumexp(1).mean() + F.cross_entropy(p.labelled, torch.arange(8) % 4)
+         ).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-10, msg=name)
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers(), strict=True):
+        torch.testing.assert_close(bb, ba, rtol=0, atol=1e-12, msg=name)

@@ -139,3 +139,33 @@ def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
         assert all(r.info.status == "FINISHED" for r in mine)
         train = next(r for r in mine if r.info.run_name == "train@sadajem_k5")
         assert train.data.params["optim.rho"] == rho
+
+
+@pytest.mark.slow
+def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
+    """README "Several machines": `dvc remote add -d`, `dvc push` on one machine, `git clone` +
+    `dvc pull` on another, and the clone's pipeline is up to date without recomputing."""
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    root_params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["methods"]["sadajem_k5"] = root_params["methods"]["sadajem_k5"]  # undo the edit test 1 made
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if "Data and pipelines are up to date" not in run_ok([*dvc, "status"], path, env):
+        run_ok([*dvc, "repro"], path, env)
+    remote = tmp_path / "dvc-remote"
+    run_ok([*dvc, "remote", "add", "-d", "shared", str(remote)], path, env)
+    run_ok(["git", "add", "-A"], path, env)
+    run_ok(["git", "commit", "-qm", "results and the shared remote", "--allow-empty"], path, env)
+    pushed = run_ok([*dvc, "push"], path, env)
+    assert "pushed" in pushed and any(remote.rglob("*")), pushed
+
+    clone = tmp_path / "clone"
+    run_ok(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    model = Path("models/tiny/sadajem_k5/final.pt")
+    assert not (clone / model).exists()  # git holds dvc.lock, not the outputs
+    run_ok([*dvc, "pull"], clone, env)
+    assert (clone / model).read_bytes() == (path / model).read_bytes()
+    status = run_ok([*dvc, "status"], clone, env)
+    assert "Data and pipelines are up to date" in status, status
+    assert not _ran(run_ok([*dvc, "repro"], clone, env)), "nothing to recompute after dvc pull"
