@@ -2,9 +2,12 @@
 
 The network is the one pytorch-fid uses (the TensorFlow FID Inception-v3 ported to PyTorch,
 1008-way classifier): torchvision's Inception3 with pytorch-fid's patched blocks. One pass
-gives both the 2048-d pool features (FID) and the 1008 logits (IS), so IS comes from the
-same network as FID. Inputs are images in [-1, 1] (or uint8), resized bilinearly to 299x299
-as pytorch-fid does.
+gives both the 2048-d pool features (FID) and the 1008 *unbiased* logits (IS), so IS comes
+from the same network as FID. The logits are ``pool3 @ W`` without the output layer's bias,
+as the published Inception Score computes them (Salimans et al.'s improved-GAN code, which
+the SADA-JEM and JEM++ ``Task/inception.py`` reuse, and torch-fidelity's
+``logits_unbiased``); with the bias the softmax, hence the score, differs. Inputs are
+images in [-1, 1] (or uint8), resized bilinearly to 299x299 as pytorch-fid does.
 
 The weights come from a local file (``pt_inception-2015-12-05-6726825d.pth``, checked
 against the sha256 prefix in its name) or, when allowed, from pytorch-fid's release URL.
@@ -14,8 +17,10 @@ the metric as unavailable; nothing here ever invents a number.
 * FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, computed by
   pytorch-fid's ``calculate_frechet_distance``; statistics are the mean and the unbiased
   covariance (``np.cov``), as pytorch-fid computes them.
-* IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the 1008-way softmax, averaged over 10 splits
-  (Salimans et al.); mean and standard deviation over the splits.
+* IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the softmax of the unbiased logits, per split;
+  mean and standard deviation over the splits. The reference scripts use
+  ``max(1, n // 5000)`` splits (``reference_is_splits``): 2 for a 10,000-image buffer, 1 for
+  the ~1,000 images SADA-JEM scores.
 """
 
 from __future__ import annotations
@@ -82,7 +87,11 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class FIDInception(nn.Module):
-    """Pool features (N, 2048) and logits (N, 1008) of images in [-1, 1]."""
+    """Pool features (N, 2048) and unbiased logits ``pool @ W.T`` (N, 1008) of images in [-1, 1].
+
+    The output layer's bias is left out, as in the published Inception Score (see the module
+    docstring); FID uses the pool features only.
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -98,7 +107,7 @@ class FIDInception(nn.Module):
                       n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
             x = layer(x)
         pool = torch.flatten(n.avgpool(x), 1)
-        return pool, n.fc(pool)
+        return pool, pool @ n.fc.weight.T  # no bias: the published IS's logits
 
 
 def _sha256(path: Path) -> str:
@@ -150,7 +159,7 @@ def load_fid_inception(weights: str | os.PathLike[str], download: bool = False,
 def inception_outputs(model: FIDInception, images: torch.Tensor | np.ndarray, batch_size: int = 200,
                       device: torch.device | str = "cpu", progress: bool = True,
                       desc: str = "inception", channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Pool features (float64, N x 2048) and logits (float64, N x 1008) of uint8 or [-1, 1] images.
+    """Pool features (float64, N x 2048) and unbiased logits (float64, N x 1008) of uint8 or [-1, 1] images.
 
     The network runs in fp32 (the standard FID); outputs stay on ``device`` until the end, so
     a GPU is not synchronised per batch. ``channels_last`` runs the convolutions in NHWC
@@ -225,8 +234,13 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
+def reference_is_splits(n: int) -> int:
+    """The IS split count of the SADA-JEM and JEM++ ``Task/eval_buffer.py``: ``max(1, n // 5000)``."""
+    return max(1, n // 5000)
+
+
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS mean and standard deviation over ``splits`` equal parts of the samples."""
+    """IS mean and standard deviation over ``splits`` equal parts of the samples (unbiased logits)."""
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) < splits:
         raise InputError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
@@ -234,7 +248,8 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     scores = []
     for part in np.array_split(log_p, splits):
         p = np.exp(part)
-        log_py = np.log(p.mean(0))
+        log_py = np.logaddexp.reduce(part, axis=0) - np.log(len(part))  # log mean p(y|x), finite when p underflows
         kl = (p * (part - log_py[None])).sum(1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+

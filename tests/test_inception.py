@@ -38,7 +38,52 @@ def test_architecture_is_pytorch_fids_and_computes_the_same_features(monkeypatch
         pool, logits = ours(2 * x01 - 1)
     assert pool.shape == (2, FEATURE_DIM) and logits.shape == (2, NUM_LOGITS)
     torch.testing.assert_close(pool, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits, pool @ random_weights["fc.weight"].T + random_weights["fc.bias"])
+    torch.testing.assert_close(logits, pool @ random_weights["fc.weight"].T)  # no bias: the published IS
+
+
+def test_inception_score_uses_unbiased_logits_like_an_independent_computation(monkeypatch, random_weights):
+    """IS from pool3 @ W (no bias), checked against pytorch-fid's own pool features and scipy's KL.
+
+    Batch-norm scales of 1 keep the images apart in feature space; the output weights are
+    scaled so the logits spread over a few units, and the output bias is large, so that a
+    score computed with it would differ clearly.
+    """
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    from jem.inception import inception_score
+
+    state = {k: torch.ones_like(v) if k.endswith("bn.weight") else v for k, v in random_weights.items()}
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state)
+    reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]]).eval()
+    images = np.random.default_rng(2).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    with torch.no_grad():
+        ref_pool = reference(torch.from_numpy(images).float() / 255)[0].flatten(1).double()
+    spread = (ref_pool - ref_pool.mean(0)).norm(dim=1).mean()
+    assert spread > 0  # the images differ in feature space
+    g = torch.Generator().manual_seed(1)
+    mu = ref_pool.mean(0) / ref_pool.mean(0).norm()
+    weight = torch.randn(state["fc.weight"].shape, generator=g, dtype=torch.float64)
+    weight -= (weight @ mu)[:, None] * mu[None]  # orthogonal to the mean feature: logits of a few units
+    state["fc.weight"] = (weight * 3 / spread).float()
+    state["fc.bias"] = torch.randn(state["fc.bias"].shape, generator=g) * 3
+    w, b = state["fc.weight"].double().numpy(), state["fc.bias"].double().numpy()
+    ref_logits = ref_pool.numpy() @ w.T
+
+    def independent_is(logits: np.ndarray) -> float:  # Salimans et al.: exp(mean_x KL(p(y|x) || p(y)))
+        p = softmax(logits, axis=1)
+        return float(np.exp(np.mean([entropy(px, p.mean(0)) for px in p])))
+
+    net = fid_inception_architecture()
+    net.load_state_dict(state)
+    _, logits = inception_outputs(FIDInception(net), images, progress=False)
+    ours, std = inception_score(logits, splits=1)
+    assert std == 0.0
+    want = independent_is(ref_logits)
+    assert want > 1.5  # a score that depends on the images
+    assert ours == pytest.approx(want, rel=1e-3)
+    biased = independent_is(ref_logits + b)
+    assert abs(ours - biased) > 0.05 * ours, (ours, biased)  # the test would catch the bias coming back
 
 
 def test_outputs_of_uint8_images_in_batches(random_weights):
@@ -92,3 +137,4 @@ def test_channels_last_gives_the_same_outputs(random_weights):
     pool_nhwc, logits_nhwc = inception_outputs(FIDInception(net_nhwc), images, progress=False, channels_last=True)
     np.testing.assert_allclose(pool_nhwc, pool, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(logits_nhwc, logits, rtol=1e-4, atol=1e-5)
+
