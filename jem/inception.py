@@ -253,3 +253,71 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
 
+
+# ---- which samples are scored: the papers' protocols --------------------------------------------
+#
+# ``whole`` (JEM++ ``Task/eval_buffer.py``): IS and FID of every image of the set.
+# ``sadajem`` (SADA-JEM ``eval_sadajem.py`` -> ``Task/eval_buffer.cond_is_fid``): the set is
+# classified by the JEM itself; per predicted class the images are sorted by confidence
+# ``max_y p(y|x)`` and the first ``int(n_class * ratio)`` kept; IS on ratio 0.1 (~1,000 of a
+# 10,000-image buffer), FID on ratio 0.9 (~9,000).
+PROTOCOLS = ("whole", "sadajem")
+
+
+def confident_per_class(pred: np.ndarray, confidence: np.ndarray, ratio: float) -> np.ndarray:
+    """Indices of the ``int(n_c * ratio)`` most confident images of each predicted class c.
+
+    SADA-JEM's selection: classes in increasing order, within a class by decreasing
+    confidence (ties by index). ``ratio`` in (0, 1]; a class with ``n_c * ratio < 1`` gives none.
+    """
+    pred = np.asarray(pred).reshape(-1)
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    if len(pred) != len(confidence):
+        raise ValueError(f"{len(pred)} predictions but {len(confidence)} confidences")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    keep = []
+    for c in np.unique(pred):
+        members = np.flatnonzero(pred == c)
+        order = members[np.argsort(-confidence[members], kind="stable")]
+        keep.append(order[:int(len(members) * ratio)])
+    return np.concatenate(keep).astype(np.int64) if keep else np.empty(0, dtype=np.int64)
+
+
+def protocol_indices(protocol: str, pred: np.ndarray | None, confidence: np.ndarray | None,
+                     n: int, is_ratio: float = 0.1, fid_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """(IS indices, FID indices) into a set of ``n`` images under ``protocol`` (``PROTOCOLS``)."""
+    if protocol == "whole":
+        every = np.arange(n, dtype=np.int64)
+        return every, every
+    if protocol == "sadajem":
+        if pred is None or confidence is None or len(pred) != n:
+            raise InputError(f"the sadajem protocol needs the classifier's prediction and confidence for each of "
+                             f"the {n} images")
+        return confident_per_class(pred, confidence, is_ratio), confident_per_class(pred, confidence, fid_ratio)
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+
+
+def score_protocol(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, is_idx: np.ndarray,
+                   fid_idx: np.ndarray, splits: int | None = None) -> dict[str, object]:
+    """IS on ``is_idx`` and FID on ``fid_idx`` of precomputed Inception outputs.
+
+    ``splits`` null: the reference scripts' ``max(1, n // 5000)``. A subset too small for a
+    number (IS: fewer images than splits; FID: fewer than 2) gets ``None`` and a ``note``.
+    """
+    n_splits = reference_is_splits(len(is_idx)) if splits is None else int(splits)
+    out: dict[str, object] = {"is_n": len(is_idx), "is_splits": n_splits, "fid_n": len(fid_idx)}
+    notes = []
+    if len(is_idx) >= max(1, n_splits):
+        out["is"], out["is_std"] = inception_score(logits[is_idx], n_splits)
+    else:
+        out["is"] = out["is_std"] = None
+        notes.append(f"IS needs at least {max(1, n_splits)} images, the selection has {len(is_idx)}")
+    if len(fid_idx) >= 2:
+        out["fid"] = frechet_distance(feature_stats(feats[fid_idx]), ref)
+    else:
+        out["fid"] = None
+        notes.append(f"FID needs at least 2 images, the selection has {len(fid_idx)}")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out

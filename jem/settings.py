@@ -104,19 +104,38 @@ class FidSettings:
     weights: str = "weights/pt_inception-2015-12-05-6726825d.pth"
     sets: list[str] = field(default_factory=lambda: ["buffer", "fresh"])
     reference_splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    reference_splits_by_role: dict[str, list[str]] = field(default_factory=dict)  # role -> splits
     reference_max: int | None = None
     batch_size: int = 200
-    splits: int = 10
+    splits: int | None = None  # IS splits; null = the reference scripts' max(1, n // 5000)
+    # which images are scored, per family ("default" for the others): jem.inception.PROTOCOLS
+    protocol: dict[str, str] = field(default_factory=lambda: {"default": "whole", "sadajem": "sadajem"})
+    is_ratio: float = 0.1  # sadajem protocol: most confident fraction per predicted class for IS
+    fid_ratio: float = 0.9  # ... and for FID
 
     def validate(self, where: str) -> None:
+        from jem.inception import PROTOCOLS
+
         _check(bool(self.sets) and set(self.sets) <= set(SAMPLE_SETS), where, "sets", self.sets,
                f"a non-empty list of {', '.join(SAMPLE_SETS)}")
         _check(bool(self.reference_splits) and set(self.reference_splits) <= set(SPLITS), where,
                "reference_splits", self.reference_splits, f"a non-empty list of {', '.join(SPLITS)}")
+        _check(isinstance(self.reference_splits_by_role, dict), where, "reference_splits_by_role",
+               self.reference_splits_by_role, "a mapping of dataset role to a list of splits")
+        for role, splits in self.reference_splits_by_role.items():
+            _check(isinstance(splits, list) and bool(splits) and set(splits) <= set(SPLITS),
+                   f"{where}.reference_splits_by_role", str(role), splits, f"a non-empty list of {', '.join(SPLITS)}")
+        _check(isinstance(self.protocol, dict), where, "protocol", self.protocol,
+               "a mapping of family name (or 'default') to a protocol")
+        for family, name in self.protocol.items():
+            _check(name in PROTOCOLS, f"{where}.protocol", str(family), name, f"one of {', '.join(PROTOCOLS)}")
+        for key in ("is_ratio", "fid_ratio"):
+            _check(0 < getattr(self, key) <= 1, where, key, getattr(self, key), "a fraction in (0, 1]")
         _check(self.reference_max is None or self.reference_max >= 2, where, "reference_max", self.reference_max,
                "an integer >= 2, or null for every image")
         _check(self.batch_size >= 1, where, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.splits >= 1, where, "splits", self.splits, "an integer >= 1")
+        _check(self.splits is None or self.splits >= 1, where, "splits", self.splits,
+               "an integer >= 1, or null for max(1, n // 5000) as the reference scripts")
 
 
 @dataclass
@@ -274,6 +293,12 @@ def validate_params(params: Any) -> None:
     for name in ("run", "train", "data"):
         section(params, name, str(scale))
     evaluate = section(params, "evaluate", str(scale))
+    fid = section(params, "fid", str(scale))
+    for family in fid.protocol:
+        if family != "default":
+            lookup(params["families"], str(family), "fid.protocol")
+    for role in fid.reference_splits_by_role:
+        lookup(params["datasets"], str(role), "fid.reference_splits_by_role")
     for ood in evaluate.ood_sets:
         if ood != "interp":
             lookup(params["datasets"], ood, "evaluate.ood_sets")

@@ -74,6 +74,12 @@ MALFORMED = [
     (setitem("robustness.bpda.chains", 0), r"robustness.*bpda.chains = 0: expected an integer >= 1"),
     (setitem("robustness.bpda.sampler", {"noise": -1}), r"robustness.*bpda.sampler.noise = -1.0: expected a value >= 0"),
     (setitem("fid.sets", ["buffer", "best"]), r"fid.sets = \['buffer', 'best'\]: expected a non-empty list of buffer"),
+    (setitem("fid.protocol", {"default": "whole", "sadajem": "top10"}),
+     r"^fid.protocol.sadajem = 'top10': expected one of whole, sadajem$"),
+    (setitem("fid.is_ratio", 0), r"^fid.is_ratio = 0.0: expected a fraction in \(0, 1\]$"),
+    (setitem("fid.protocol", {"sadajm": "whole"}), r"^fid.protocol: 'sadajm' is not defined \(did you mean 'sadajem'\?\)$"),
+    (setitem("fid.reference_splits_by_role", {"cifar100": ["train", "tset"]}),
+     r"^fid.reference_splits_by_role.cifar100 = \['train', 'tset'\]: expected a non-empty list of train"),
     (setitem("run.device", "gpu"), r"run.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (setitem("datasets.cifar10.demo.val", 5000), r"datasets.cifar10.demo.val = 5000: expected fewer than train \(4000\)"),
     # unknown names
