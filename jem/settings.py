@@ -176,6 +176,10 @@ class RobustnessSettings:
     seed: int = 0
     steps: int = 50
     rel_stepsize: float | None = None
+    linf_step: float | None = None  # fixed L-inf PGD step in 1/255 (the reference: 2); null = rel_stepsize
+    l2_step: float | None = None  # fixed L2 PGD step on [0, 1] images; null = rel_stepsize
+    success: str = "any_iterate"  # any_iterate (the reference's accounting) | final (foolbox's last iterate)
+    shuffle: bool = False  # attack a seeded random subset of the test set (the reference) instead of the first N
     linf: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 22.0, 30.0])
     l2: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
     bpda: BpdaSettings = field(default_factory=BpdaSettings)
@@ -186,6 +190,10 @@ class RobustnessSettings:
             _check(getattr(self, key) >= 1, where, key, getattr(self, key), "an integer >= 1")
         _check(self.rel_stepsize is None or self.rel_stepsize > 0, where, "rel_stepsize", self.rel_stepsize,
                "a value > 0, or null for foolbox's default")
+        for key in ("linf_step", "l2_step"):
+            _check(getattr(self, key) is None or getattr(self, key) > 0, where, key, getattr(self, key),
+                   "a step > 0, or null for rel_stepsize times the radius")
+        _check(self.success in ("any_iterate", "final"), where, "success", self.success, "'any_iterate' or 'final'")
         _check(all(e > 0 for e in self.linf), where, "linf", self.linf, "radii > 0 in 1/255 (or [] to skip)")
         _check(all(e > 0 for e in self.l2), where, "l2", self.l2, "radii > 0 on [0, 1] images (or [] to skip)")
         self.bpda.validate(f"{where}.bpda")

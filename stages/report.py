@@ -175,6 +175,8 @@ def robustness_table(runs: Runs) -> pd.DataFrame:
             rec["note"] = f"{rob['images']} test images (BPDA: {bpda['images']})"
         else:
             rec["note"] = f"{rob['images']} test images; BPDA+EOT {bpda.get('status')}: {bpda.get('reason', '')}"
+        if rob.get("pgd_success"):
+            rec["note"] += f"; PGD broken by: {rob['pgd_success'].replace('_', ' ')}"
         records.append(rec)
     table = pd.DataFrame.from_records(records)
     attacks = ("PGD Linf", "PGD L2", "BPDA+EOT")
