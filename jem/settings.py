@@ -88,6 +88,8 @@ class EvaluateSettings:
     ood_sets: list[str] = field(default_factory=lambda: ["svhn", "interp", "cifar100", "celeba"])
     ood_max: int | None = None
     seed: int = 0
+    # std of Gaussian noise on test and OOD inputs ([-1, 1] scale), per family ("default": the rest)
+    input_noise: dict[str, float] = field(default_factory=lambda: {"default": 0.0})
     landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
 
     def validate(self, where: str) -> None:
@@ -96,6 +98,11 @@ class EvaluateSettings:
         _check(self.ece_bins >= 1, where, "ece_bins", self.ece_bins, "an integer >= 1")
         _check(self.ood_max is None or self.ood_max >= 1, where, "ood_max", self.ood_max,
                "an integer >= 1, or null for every image")
+        _check(isinstance(self.input_noise, dict), where, "input_noise", self.input_noise,
+               "a mapping of family name (or 'default') to a noise std")
+        for family, sigma in self.input_noise.items():
+            ok = isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0
+            _check(ok, f"{where}.input_noise", str(family), sigma, "a noise std >= 0")
         self.landscape.validate(f"{where}.landscape")
 
 
@@ -301,6 +308,9 @@ def validate_params(params: Any) -> None:
     for name in ("run", "train", "data"):
         section(params, name, str(scale))
     evaluate = section(params, "evaluate", str(scale))
+    for family in evaluate.input_noise:
+        if family != "default":
+            lookup(params["families"], str(family), "evaluate.input_noise")
     fid = section(params, "fid", str(scale))
     for family in fid.protocol:
         if family != "default":

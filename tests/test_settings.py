@@ -82,6 +82,9 @@ MALFORMED = [
      r"^fid.reference_splits_by_role.cifar100 = \['train', 'tset'\]: expected a non-empty list of train"),
     (setitem("robustness.success", "last"), r"^robustness.success = 'last': expected 'any_iterate' or 'final'$"),
     (setitem("robustness.linf_step", 0), r"^robustness.linf_step = 0.0: expected a step > 0, or null"),
+    (setitem("evaluate.input_noise", {"default": 0.0, "jem": -0.03}),
+     r"^evaluate.input_noise.jem = -0.03: expected a noise std >= 0$"),
+    (setitem("evaluate.input_noise", {"jemm": 0.03}), r"^evaluate.input_noise: 'jemm' is not defined \(did you mean"),
     (setitem("run.device", "gpu"), r"run.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (setitem("datasets.cifar10.demo.val", 5000), r"datasets.cifar10.demo.val = 5000: expected fewer than train \(4000\)"),
     # unknown names
