@@ -221,6 +221,7 @@ class DatasetSpec:
     test: int | None = None  # procedural: test images; real: a cap on the test split
     interp: int = 0  # pairs averaged into the Interp OOD set (0 = none)
     seed: int = 0
+    crop: str = "center"  # CelebA: centre square (center) or the reference's aspect-keeping Resize(32) (none)
 
     def validate(self, where: str) -> None:
         _check(self.source in SOURCES_PROCEDURAL + SOURCES_REAL, where, "source", self.source,
@@ -229,6 +230,8 @@ class DatasetSpec:
                "an integer >= 2 (training datasets), or absent for OOD-only sets")
         _check(self.val >= 0 and self.interp >= 0, where, "val" if self.val < 0 else "interp",
                self.val if self.val < 0 else self.interp, "an integer >= 0")
+        _check(self.crop == "center" or (self.crop == "none" and self.source == "celeba"), where, "crop", self.crop,
+               "'center', or 'none' for the celeba source (its non-square Resize(32))")
         if self.source in ("shapes", "glyphs"):
             _check(self.num_classes is None or self.num_classes <= 10, where, "num_classes", self.num_classes,
                    f"at most 10 for the procedural {self.source} set")

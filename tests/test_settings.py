@@ -85,6 +85,7 @@ MALFORMED = [
     (setitem("evaluate.input_noise", {"default": 0.0, "jem": -0.03}),
      r"^evaluate.input_noise.jem = -0.03: expected a noise std >= 0$"),
     (setitem("evaluate.input_noise", {"jemm": 0.03}), r"^evaluate.input_noise: 'jemm' is not defined \(did you mean"),
+    (setitem("datasets.svhn.demo.crop", "none"), r"^datasets.svhn.demo.crop = 'none': expected 'center', or 'none' for"),
     (setitem("run.device", "gpu"), r"run.device = 'gpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (setitem("datasets.cifar10.demo.val", 5000), r"datasets.cifar10.demo.val = 5000: expected fewer than train \(4000\)"),
     # unknown names
