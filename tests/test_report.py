@@ -113,3 +113,27 @@ def test_a_row_without_a_stated_protocol_gets_the_familys_and_says_so(tmp_path: 
     assert table.loc["stated", "other protocols"] == "whole: IS 5.00, FID 40.00"
     assert table.loc["not stated", "paper note"] == "ensemble"
     assert table.loc["stated", "fid diff"] == pytest.approx(5.0)
+
+
+def test_every_published_is_fid_row_names_its_protocol_or_says_why_not():
+    """Like with like: an IS/FID row states how the paper selected the images (sadajem or whole),
+    or is null with a note saying how the published number was measured (ensemble, not stated)."""
+    from jem.inception import PROTOCOLS
+
+    published = yaml.safe_load((ROOT / "reports" / "published.yaml").read_text())
+    checked = 0
+    for name, spec in published.items():
+        if not {"is", "fid"} & set(spec["columns"]):
+            continue
+        for row in spec["rows"]:
+            if all(row.get(c) is None for c in ("is", "fid")):
+                continue  # no published IS/FID to compare with
+            protocol = row.get("protocol", spec.get("protocol", "missing"))
+            assert protocol in (*PROTOCOLS, None), f"{name} {row['label']}: protocol {protocol!r}"
+            if protocol is None:
+                assert "ensemble" in row.get("measured", "") or "not stated" in row.get("measured", ""), \
+                    f"{name} {row['label']}: no protocol and no note on how it was measured"
+            checked += 1
+    assert checked >= 30
+    ece = published["sadajem_ece"]["rows"]
+    assert all("CIFAR-10" in r["measured"] and "CIFAR-100" in r["measured"] for r in ece)
