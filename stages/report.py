@@ -122,7 +122,8 @@ def protocol_cells(row: dict[str, Any], spec: dict[str, Any], runs: Runs, fid_se
     scored = (fid or {}).get(fid_set) if (fid or {}).get("status") == "ok" else None
     paper = row.get("protocol")
     if scored is None:
-        return {"IS/FID protocol": f"paper: {paper or 'not stated'}", "other protocols": ""}
+        published = any(row.get(c) is not None for c in ("is", "fid"))
+        return {"IS/FID protocol": f"paper: {paper or 'not stated'}" if published else "", "other protocols": ""}
     ours = paper or scored.get("protocol")
     how = "as the paper" if paper else "the family's; the paper does not say"
     cols = [c for c in ("is", "fid") if c in spec["columns"]]
@@ -148,8 +149,8 @@ def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
             rec[f"{col} diff"] = ours - published if both else None
         if {"is", "fid"} & set(spec["columns"]):
             rec.update(protocol_cells(row, spec, runs, fid_set))
-        rec["paper note"] = " ".join(n for n in (row.get("note", ""), row.get("measured", ""),
-                                                   spec.get("measured", "")) if n)
+        rec["paper note"] = " ".join(n if n.endswith(".") else f"{n}." for n in (
+            row.get("note", ""), row.get("measured", ""), spec.get("measured", "")) if n)
         records.append(rec)
     return pd.DataFrame.from_records(records)
 

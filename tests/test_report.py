@@ -111,7 +111,7 @@ def test_a_row_without_a_stated_protocol_gets_the_familys_and_says_so(tmp_path: 
     assert table.loc["not stated", "IS/FID protocol"] == "whole (the family's; the paper does not say)"
     assert table.loc["stated", "IS/FID protocol"] == "sadajem (as the paper)"
     assert table.loc["stated", "other protocols"] == "whole: IS 5.00, FID 40.00"
-    assert table.loc["not stated", "paper note"] == "ensemble"
+    assert table.loc["not stated", "paper note"] == "ensemble."
     assert table.loc["stated", "fid diff"] == pytest.approx(5.0)
 
 
