@@ -77,14 +77,15 @@ def _open(name: str, root: str, split: str, download: bool, factory: Callable[[b
         raise _unavailable(name, root, split, None) from exc
 
 
-def _resize(images: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
-    """Antialiased bilinear resize of uint8 (N, C, H, W) to (N, C, size, size), rounded back to uint8."""
-    if images.shape[-2:] == (size, size):
+def _resize(images: np.ndarray, size: int | tuple[int, int], chunk: int = 512) -> np.ndarray:
+    """Antialiased bilinear resize of uint8 (N, C, H, W) to (N, C, size, size) (or (H', W') = size), uint8."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if images.shape[-2:] == hw:
         return images
-    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
+    out = np.empty((*images.shape[:2], *hw), dtype=np.uint8)
     for start in range(0, len(images), chunk):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        y = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
         out[start:start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out
 
@@ -96,24 +97,43 @@ def _center_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def _load_celeba(ds: Any, image_size: int) -> np.ndarray:
+CELEBA_CROPS = ("center", "none")
+
+
+def _load_celeba(ds: Any, image_size: int, crop: str = "center") -> np.ndarray:
+    """``center``: the centre square, resized to ``image_size``; ``none``: the whole image with
+    its shorter side resized to ``image_size`` (torchvision ``Resize(32)``, as the reference
+    code: 178x218 -> 32 wide, 39 high)."""
     folder = Path(ds.root) / ds.base_folder / "img_align_celeba"
-    out = np.empty((len(ds.filename), 3, image_size, image_size), dtype=np.uint8)
+    out: np.ndarray | None = None
     for k, fname in enumerate(ds.filename):
         with Image.open(folder / fname) as img:
-            square = np.asarray(_center_square(img.convert("RGB")))  # (S, S, 3)
-        out[k] = _resize(square.transpose(2, 0, 1)[None], image_size)[0]
-    return out
+            rgb = img.convert("RGB")
+            if crop == "center":
+                rgb = _center_square(rgb)
+            w, h = rgb.size
+            hw = (image_size, image_size) if crop == "center" else (
+                (int(image_size * h / w), image_size) if w <= h else (image_size, int(image_size * w / h)))
+            pixels = np.asarray(rgb).transpose(2, 0, 1)[None]
+        if out is None:
+            out = np.empty((len(ds.filename), 3, *hw), dtype=np.uint8)
+        elif out.shape[-2:] != hw:
+            raise InputError(f"CelebA {fname}: {w}x{h} gives {hw[1]}x{hw[0]} uncropped, unlike the first image's "
+                             f"{out.shape[-1]}x{out.shape[-2]}; use crop: center")
+        out[k] = _resize(pixels, hw)[0]
+    return out if out is not None else np.empty((0, 3, image_size, image_size), dtype=np.uint8)
 
 
 def load_torchvision(name: str, root: str | os.PathLike[str], split: str, download: bool = False,
-                     image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                     image_size: int = 32, crop: str = "center") -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 (N, 3, image_size, image_size) and labels as int64 (N,).
 
     ``name`` is one of ``TORCHVISION_DATASETS``, ``split`` is "train" or "test". Files are
     read from the standard torchvision layout under ``root`` (downloaded there first when
     ``download`` is true and they are missing); torchvision's integrity checks apply.
-    CelebA is centre-cropped to a square and gets labels of zeros (it is only an OOD set);
+    CelebA is centre-cropped to a square (``crop="center"``) or keeps its aspect ratio with the
+    shorter side at ``image_size`` (``crop="none"``, the reference code's ``Resize(32)``: 39x32),
+    and gets labels of zeros (it is only an OOD set);
     the others are resized only when their native size differs from ``image_size``.
     Raises ``DatasetUnavailable`` (one line) when the files are missing or corrupted, or
     the download fails.
@@ -139,7 +159,9 @@ def load_torchvision(name: str, root: str | os.PathLike[str], split: str, downlo
     else:
         ds = _open(name, root, split, download,
                    lambda dl: tvd.CelebA(root, split=split, target_type=[], download=dl))
-        return _load_celeba(ds, image_size), np.zeros(len(ds.filename), dtype=np.int64)
+        if crop not in CELEBA_CROPS:
+            raise ValueError(f"unknown crop {crop!r}; expected one of {', '.join(CELEBA_CROPS)}")
+        return _load_celeba(ds, image_size, crop), np.zeros(len(ds.filename), dtype=np.int64)
     return _resize(images, image_size), labels
 
 

@@ -2,9 +2,12 @@
 
 The network is the one pytorch-fid uses (the TensorFlow FID Inception-v3 ported to PyTorch,
 1008-way classifier): torchvision's Inception3 with pytorch-fid's patched blocks. One pass
-gives both the 2048-d pool features (FID) and the 1008 logits (IS), so IS comes from the
-same network as FID. Inputs are images in [-1, 1] (or uint8), resized bilinearly to 299x299
-as pytorch-fid does.
+gives both the 2048-d pool features (FID) and the 1008 *unbiased* logits (IS), so IS comes
+from the same network as FID. The logits are ``pool3 @ W`` without the output layer's bias,
+as the published Inception Score computes them (Salimans et al.'s improved-GAN code, which
+the SADA-JEM and JEM++ ``Task/inception.py`` reuse, and torch-fidelity's
+``logits_unbiased``); with the bias the softmax, hence the score, differs. Inputs are
+images in [-1, 1] (or uint8), resized bilinearly to 299x299 as pytorch-fid does.
 
 The weights come from a local file (``pt_inception-2015-12-05-6726825d.pth``, checked
 against the sha256 prefix in its name) or, when allowed, from pytorch-fid's release URL.
@@ -14,8 +17,10 @@ the metric as unavailable; nothing here ever invents a number.
 * FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, computed by
   pytorch-fid's ``calculate_frechet_distance``; statistics are the mean and the unbiased
   covariance (``np.cov``), as pytorch-fid computes them.
-* IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the 1008-way softmax, averaged over 10 splits
-  (Salimans et al.); mean and standard deviation over the splits.
+* IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the softmax of the unbiased logits, per split;
+  mean and standard deviation over the splits. The reference scripts use
+  ``max(1, n // 5000)`` splits (``reference_is_splits``): 2 for a 10,000-image buffer, 1 for
+  the ~1,000 images SADA-JEM scores.
 """
 
 from __future__ import annotations
@@ -82,7 +87,11 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class FIDInception(nn.Module):
-    """Pool features (N, 2048) and logits (N, 1008) of images in [-1, 1]."""
+    """Pool features (N, 2048) and unbiased logits ``pool @ W.T`` (N, 1008) of images in [-1, 1].
+
+    The output layer's bias is left out, as in the published Inception Score (see the module
+    docstring); FID uses the pool features only.
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -98,7 +107,7 @@ class FIDInception(nn.Module):
                       n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
             x = layer(x)
         pool = torch.flatten(n.avgpool(x), 1)
-        return pool, n.fc(pool)
+        return pool, pool @ n.fc.weight.T  # no bias: the published IS's logits
 
 
 def _sha256(path: Path) -> str:
@@ -150,7 +159,7 @@ def load_fid_inception(weights: str | os.PathLike[str], download: bool = False,
 def inception_outputs(model: FIDInception, images: torch.Tensor | np.ndarray, batch_size: int = 200,
                       device: torch.device | str = "cpu", progress: bool = True,
                       desc: str = "inception", channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Pool features (float64, N x 2048) and logits (float64, N x 1008) of uint8 or [-1, 1] images.
+    """Pool features (float64, N x 2048) and unbiased logits (float64, N x 1008) of uint8 or [-1, 1] images.
 
     The network runs in fp32 (the standard FID); outputs stay on ``device`` until the end, so
     a GPU is not synchronised per batch. ``channels_last`` runs the convolutions in NHWC
@@ -225,8 +234,13 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
+def reference_is_splits(n: int) -> int:
+    """The IS split count of the SADA-JEM and JEM++ ``Task/eval_buffer.py``: ``max(1, n // 5000)``."""
+    return max(1, n // 5000)
+
+
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS mean and standard deviation over ``splits`` equal parts of the samples."""
+    """IS mean and standard deviation over ``splits`` equal parts of the samples (unbiased logits)."""
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) < splits:
         raise InputError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
@@ -234,7 +248,76 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
     scores = []
     for part in np.array_split(log_p, splits):
         p = np.exp(part)
-        log_py = np.log(p.mean(0))
+        log_py = np.logaddexp.reduce(part, axis=0) - np.log(len(part))  # log mean p(y|x), finite when p underflows
         kl = (p * (part - log_py[None])).sum(1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---- which samples are scored: the papers' protocols --------------------------------------------
+#
+# ``whole`` (JEM++ ``Task/eval_buffer.py``): IS and FID of every image of the set.
+# ``sadajem`` (SADA-JEM ``eval_sadajem.py`` -> ``Task/eval_buffer.cond_is_fid``): the set is
+# classified by the JEM itself; per predicted class the images are sorted by confidence
+# ``max_y p(y|x)`` and the first ``int(n_class * ratio)`` kept; IS on ratio 0.1 (~1,000 of a
+# 10,000-image buffer), FID on ratio 0.9 (~9,000).
+PROTOCOLS = ("whole", "sadajem")
+
+
+def confident_per_class(pred: np.ndarray, confidence: np.ndarray, ratio: float) -> np.ndarray:
+    """Indices of the ``int(n_c * ratio)`` most confident images of each predicted class c.
+
+    SADA-JEM's selection: classes in increasing order, within a class by decreasing
+    confidence (ties by index). ``ratio`` in (0, 1]; a class with ``n_c * ratio < 1`` gives none.
+    """
+    pred = np.asarray(pred).reshape(-1)
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    if len(pred) != len(confidence):
+        raise ValueError(f"{len(pred)} predictions but {len(confidence)} confidences")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    keep = []
+    for c in np.unique(pred):
+        members = np.flatnonzero(pred == c)
+        order = members[np.argsort(-confidence[members], kind="stable")]
+        keep.append(order[:int(len(members) * ratio)])
+    return np.concatenate(keep).astype(np.int64) if keep else np.empty(0, dtype=np.int64)
+
+
+def protocol_indices(protocol: str, pred: np.ndarray | None, confidence: np.ndarray | None,
+                     n: int, is_ratio: float = 0.1, fid_ratio: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """(IS indices, FID indices) into a set of ``n`` images under ``protocol`` (``PROTOCOLS``)."""
+    if protocol == "whole":
+        every = np.arange(n, dtype=np.int64)
+        return every, every
+    if protocol == "sadajem":
+        if pred is None or confidence is None or len(pred) != n:
+            raise InputError(f"the sadajem protocol needs the classifier's prediction and confidence for each of "
+                             f"the {n} images")
+        return confident_per_class(pred, confidence, is_ratio), confident_per_class(pred, confidence, fid_ratio)
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+
+
+def score_protocol(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, is_idx: np.ndarray,
+                   fid_idx: np.ndarray, splits: int | None = None) -> dict[str, object]:
+    """IS on ``is_idx`` and FID on ``fid_idx`` of precomputed Inception outputs.
+
+    ``splits`` null: the reference scripts' ``max(1, n // 5000)``. A subset too small for a
+    number (IS: fewer images than splits; FID: fewer than 2) gets ``None`` and a ``note``.
+    """
+    n_splits = reference_is_splits(len(is_idx)) if splits is None else int(splits)
+    out: dict[str, object] = {"is_n": len(is_idx), "is_splits": n_splits, "fid_n": len(fid_idx)}
+    notes = []
+    if len(is_idx) >= max(1, n_splits):
+        out["is"], out["is_std"] = inception_score(logits[is_idx], n_splits)
+    else:
+        out["is"] = out["is_std"] = None
+        notes.append(f"IS needs at least {max(1, n_splits)} images, the selection has {len(is_idx)}")
+    if len(fid_idx) >= 2:
+        out["fid"] = frechet_distance(feature_stats(feats[fid_idx]), ref)
+    else:
+        out["fid"] = None
+        notes.append(f"FID needs at least 2 images, the selection has {len(fid_idx)}")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out

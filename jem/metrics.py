@@ -15,6 +15,21 @@ from torch import nn
 from jem.data import to_unit_range
 
 
+def with_input_noise(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """``images`` (uint8 or [-1, 1] floats) as [-1, 1] floats plus seeded N(0, sigma^2) noise.
+
+    The JEM and JEM++ evaluation scripts add such noise (sigma 0.03 by default) to test and
+    OOD inputs after normalisation; ``sigma`` 0 returns the images unchanged.
+    """
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return images
+    x = to_unit_range(images)
+    g = torch.Generator().manual_seed(seed)
+    return x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
                    device: torch.device | str = "cpu") -> torch.Tensor:

@@ -5,7 +5,12 @@ one to the other), so an L-inf radius of ``8/255`` means eight grey levels, as i
 papers, and an L2 radius is measured on [0, 1] images.
 
 * ``pgd_accuracy``: foolbox's ``LinfPGD`` / ``L2PGD`` (random start) at each radius of a
-  sweep; robust accuracy = the fraction of images still classified correctly.
+  sweep; robust accuracy = the fraction of images still classified correctly. With
+  ``success="any_iterate"`` (the reference code's accounting, and the stronger attack) an
+  image counts as broken when *any* PGD iterate fools the model, not only foolbox's final
+  one: the predictions come from the logits the attack's loss already computes at every
+  iterate, so it costs no extra forward pass. The step is foolbox's ``rel_stepsize`` times
+  the radius, or a fixed ``abs_stepsize`` (the reference: 2/255 under L-inf).
 * ``bpda_eot_accuracy``: the defended classifier first *purifies* its input: noisy copies
   of it are moved by a few sampler steps and their logits averaged (JEM's refined logits;
   Hill et al., "Stochastic security"). The attack differentiates through purification as
@@ -95,16 +100,63 @@ def _eot(attack_cls: type, draws: int) -> Any:
     return EOT
 
 
-def make_attack(norm: str, steps: int, rel_stepsize: float | None = None, eot: int = 1) -> Any:
-    """foolbox PGD under ``norm`` (``linf`` or ``l2``), with EOT gradients when ``eot > 1``."""
+SUCCESS = ("any_iterate", "final")
+
+
+def _any_iterate(attack_cls: type) -> Any:
+    """``attack_cls`` that also records, per radius, which images any iterate misclassified.
+
+    After a call, ``fooled[k]`` (bool tensor, one per image) belongs to the k-th radius; it
+    covers the start point and every iterate the loss was evaluated at (all but the final
+    one, which the caller classifies itself).
+    """
+
+    class AnyIterate(attack_cls):  # type: ignore[misc, valid-type]
+        fooled: list[torch.Tensor]
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            self.fooled = []
+            return super().__call__(*args, **kwargs)
+
+        def run(self, model: Any, inputs: Any, criterion: Any, *, epsilon: float, **kwargs: Any) -> Any:
+            self._seen: torch.Tensor | None = None
+            out = super().run(model, inputs, criterion, epsilon=epsilon, **kwargs)
+            n = len(inputs.raw if isinstance(inputs, ep.Tensor) else inputs)
+            self.fooled.append(self._seen if self._seen is not None else torch.zeros(n, dtype=torch.bool))
+            return out
+
+        def get_loss_fn(self, model: Any, labels: ep.Tensor) -> Any:
+            def loss_fn(inputs: ep.Tensor) -> ep.Tensor:
+                logits = model(inputs)
+                wrong = (logits.raw.detach().argmax(-1) != labels.raw).cpu()
+                self._seen = wrong if self._seen is None else self._seen | wrong
+                return ep.crossentropy(logits, labels).sum()
+
+            return loss_fn
+
+    AnyIterate.__name__ = f"AnyIterate{attack_cls.__name__}"
+    return AnyIterate
+
+
+def make_attack(norm: str, steps: int, rel_stepsize: float | None = None, eot: int = 1,
+                abs_stepsize: float | None = None, track_iterates: bool = False) -> Any:
+    """foolbox PGD under ``norm`` (``linf`` or ``l2``), with EOT gradients when ``eot > 1``.
+
+    ``abs_stepsize`` (pixel scale [0, 1]) overrides ``rel_stepsize``; ``track_iterates``
+    records which images any iterate fooled (``attack.fooled``, one tensor per radius).
+    """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     cls = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
     if eot > 1:
         cls = _eot(cls, eot)
+    if track_iterates:
+        cls = _any_iterate(cls)
     kwargs: dict[str, Any] = {"steps": steps, "random_start": True}
     if rel_stepsize is not None:
         kwargs["rel_stepsize"] = rel_stepsize
+    if abs_stepsize is not None:
+        kwargs["abs_stepsize"] = abs_stepsize
     return cls(**kwargs)
 
 
@@ -115,26 +167,46 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device
 
 
 def pgd_examples(model: nn.Module, x01: torch.Tensor, labels: torch.Tensor, norm: str, epsilons: list[float],
-                 steps: int, rel_stepsize: float | None = None) -> list[torch.Tensor]:
-    """foolbox PGD adversarials (one tensor per radius) of [0, 1] images; the model as it is."""
+                 steps: int, rel_stepsize: float | None = None, abs_stepsize: float | None = None,
+                 fooled: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """foolbox PGD adversarials (one tensor per radius) of [0, 1] images; the model as it is.
+
+    When ``fooled`` is a list, it receives per radius which images an iterate before the
+    final one misclassified.
+    """
     device = x01.device
     fmodel = fb.PyTorchModel(UnitInterval(model).train(model.training), bounds=(0, 1), device=device)
-    _, clipped, _ = make_attack(norm, steps, rel_stepsize)(fmodel, x01, labels.to(device), epsilons=list(epsilons))
+    attack = make_attack(norm, steps, rel_stepsize, abs_stepsize=abs_stepsize, track_iterates=fooled is not None)
+    _, clipped, _ = attack(fmodel, x01, labels.to(device), epsilons=list(epsilons))
+    if fooled is not None:
+        fooled.extend(attack.fooled)
     return list(clipped)
 
 
 def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str,
                  epsilons: list[float], steps: int, rel_stepsize: float | None = None,
-                 batch_size: int = 250, device: torch.device | str = "cpu") -> list[float]:
-    """Accuracy under foolbox PGD at each radius (pixel scale [0, 1]); model in eval mode."""
+                 batch_size: int = 250, device: torch.device | str = "cpu", abs_stepsize: float | None = None,
+                 success: str = "any_iterate") -> list[float]:
+    """Accuracy under foolbox PGD at each radius (pixel scale [0, 1]); model in eval mode.
+
+    ``success``: ``any_iterate`` counts an image as broken when any iterate fooled the model
+    (the reference code's accounting); ``final`` only when foolbox's final iterate does.
+    """
+    if success not in SUCCESS:
+        raise ValueError(f"success must be one of {SUCCESS}, got {success!r}")
     was_training = model.training
     model.eval()
     correct = np.zeros(len(epsilons))
     try:
         for x, y in _batches(images, labels, batch_size, device):
-            for k, adv in enumerate(pgd_examples(model, x, y, norm, epsilons, steps, rel_stepsize)):
+            fooled: list[torch.Tensor] | None = [] if success == "any_iterate" else None
+            for k, adv in enumerate(pgd_examples(model, x, y, norm, epsilons, steps, rel_stepsize, abs_stepsize,
+                                                 fooled)):
                 with torch.no_grad():
-                    correct[k] += (model(2 * adv - 1).argmax(1) == y).sum().item()
+                    right = (model(2 * adv - 1).argmax(1) == y).cpu()
+                if fooled is not None:
+                    right &= ~fooled[k]
+                correct[k] += right.sum().item()
     finally:
         model.train(was_training)
     return (correct / len(images)).tolist()

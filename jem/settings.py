@@ -104,6 +104,8 @@ class EvaluateSettings:
     ood_sets: list[str] = field(default_factory=lambda: ["svhn", "interp", "cifar100", "celeba"])
     ood_max: int | None = None
     seed: int = 0
+    # std of Gaussian noise on test and OOD inputs ([-1, 1] scale), per family ("default": the rest)
+    input_noise: dict[str, float] = field(default_factory=lambda: {"default": 0.0})
     landscape: LandscapeSettings = field(default_factory=LandscapeSettings)
 
     def validate(self, where: str) -> None:
@@ -112,6 +114,11 @@ class EvaluateSettings:
         _check(self.ece_bins >= 1, where, "ece_bins", self.ece_bins, "an integer >= 1")
         _check(self.ood_max is None or self.ood_max >= 1, where, "ood_max", self.ood_max,
                "an integer >= 1, or null for every image")
+        _check(isinstance(self.input_noise, dict), where, "input_noise", self.input_noise,
+               "a mapping of family name (or 'default') to a noise std")
+        for family, sigma in self.input_noise.items():
+            ok = isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0
+            _check(ok, f"{where}.input_noise", str(family), sigma, "a noise std >= 0")
         self.landscape.validate(f"{where}.landscape")
 
 
@@ -120,19 +127,38 @@ class FidSettings:
     weights: str = "weights/pt_inception-2015-12-05-6726825d.pth"
     sets: list[str] = field(default_factory=lambda: ["buffer", "fresh"])
     reference_splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    reference_splits_by_role: dict[str, list[str]] = field(default_factory=dict)  # role -> splits
     reference_max: int | None = None
     batch_size: int = 200
-    splits: int = 10
+    splits: int | None = None  # IS splits; null = the reference scripts' max(1, n // 5000)
+    # which images are scored, per family ("default" for the others): jem.inception.PROTOCOLS
+    protocol: dict[str, str] = field(default_factory=lambda: {"default": "whole", "sadajem": "sadajem"})
+    is_ratio: float = 0.1  # sadajem protocol: most confident fraction per predicted class for IS
+    fid_ratio: float = 0.9  # ... and for FID
 
     def validate(self, where: str) -> None:
+        from jem.inception import PROTOCOLS
+
         _check(bool(self.sets) and set(self.sets) <= set(SAMPLE_SETS), where, "sets", self.sets,
                f"a non-empty list of {', '.join(SAMPLE_SETS)}")
         _check(bool(self.reference_splits) and set(self.reference_splits) <= set(SPLITS), where,
                "reference_splits", self.reference_splits, f"a non-empty list of {', '.join(SPLITS)}")
+        _check(isinstance(self.reference_splits_by_role, dict), where, "reference_splits_by_role",
+               self.reference_splits_by_role, "a mapping of dataset role to a list of splits")
+        for role, splits in self.reference_splits_by_role.items():
+            _check(isinstance(splits, list) and bool(splits) and set(splits) <= set(SPLITS),
+                   f"{where}.reference_splits_by_role", str(role), splits, f"a non-empty list of {', '.join(SPLITS)}")
+        _check(isinstance(self.protocol, dict), where, "protocol", self.protocol,
+               "a mapping of family name (or 'default') to a protocol")
+        for family, name in self.protocol.items():
+            _check(name in PROTOCOLS, f"{where}.protocol", str(family), name, f"one of {', '.join(PROTOCOLS)}")
+        for key in ("is_ratio", "fid_ratio"):
+            _check(0 < getattr(self, key) <= 1, where, key, getattr(self, key), "a fraction in (0, 1]")
         _check(self.reference_max is None or self.reference_max >= 2, where, "reference_max", self.reference_max,
                "an integer >= 2, or null for every image")
         _check(self.batch_size >= 1, where, "batch_size", self.batch_size, "an integer >= 1")
-        _check(self.splits >= 1, where, "splits", self.splits, "an integer >= 1")
+        _check(self.splits is None or self.splits >= 1, where, "splits", self.splits,
+               "an integer >= 1, or null for max(1, n // 5000) as the reference scripts")
 
 
 @dataclass
@@ -173,6 +199,10 @@ class RobustnessSettings:
     seed: int = 0
     steps: int = 50
     rel_stepsize: float | None = None
+    linf_step: float | None = None  # fixed L-inf PGD step in 1/255 (the reference: 2); null = rel_stepsize
+    l2_step: float | None = None  # fixed L2 PGD step on [0, 1] images; null = rel_stepsize
+    success: str = "any_iterate"  # any_iterate (the reference's accounting) | final (foolbox's last iterate)
+    shuffle: bool = False  # attack a seeded random subset of the test set (the reference) instead of the first N
     linf: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 22.0, 30.0])
     l2: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
     bpda: BpdaSettings = field(default_factory=BpdaSettings)
@@ -183,6 +213,10 @@ class RobustnessSettings:
             _check(getattr(self, key) >= 1, where, key, getattr(self, key), "an integer >= 1")
         _check(self.rel_stepsize is None or self.rel_stepsize > 0, where, "rel_stepsize", self.rel_stepsize,
                "a value > 0, or null for foolbox's default")
+        for key in ("linf_step", "l2_step"):
+            _check(getattr(self, key) is None or getattr(self, key) > 0, where, key, getattr(self, key),
+                   "a step > 0, or null for rel_stepsize times the radius")
+        _check(self.success in ("any_iterate", "final"), where, "success", self.success, "'any_iterate' or 'final'")
         _check(all(e > 0 for e in self.linf), where, "linf", self.linf, "radii > 0 in 1/255 (or [] to skip)")
         _check(all(e > 0 for e in self.l2), where, "l2", self.l2, "radii > 0 on [0, 1] images (or [] to skip)")
         self.bpda.validate(f"{where}.bpda")
@@ -203,6 +237,7 @@ class DatasetSpec:
     test: int | None = None  # procedural: test images; real: a cap on the test split
     interp: int = 0  # pairs averaged into the Interp OOD set (0 = none)
     seed: int = 0
+    crop: str = "center"  # CelebA: centre square (center) or the reference's aspect-keeping Resize(32) (none)
 
     def validate(self, where: str) -> None:
         _check(self.source in SOURCES_PROCEDURAL + SOURCES_REAL, where, "source", self.source,
@@ -211,6 +246,8 @@ class DatasetSpec:
                "an integer >= 2 (training datasets), or absent for OOD-only sets")
         _check(self.val >= 0 and self.interp >= 0, where, "val" if self.val < 0 else "interp",
                self.val if self.val < 0 else self.interp, "an integer >= 0")
+        _check(self.crop == "center" or (self.crop == "none" and self.source == "celeba"), where, "crop", self.crop,
+               "'center', or 'none' for the celeba source (its non-square Resize(32))")
         if self.source in ("shapes", "glyphs"):
             _check(self.num_classes is None or self.num_classes <= 10, where, "num_classes", self.num_classes,
                    f"at most 10 for the procedural {self.source} set")
@@ -290,6 +327,15 @@ def validate_params(params: Any) -> None:
     for name in ("run", "train", "data"):
         section(params, name, str(scale))
     evaluate = section(params, "evaluate", str(scale))
+    for family in evaluate.input_noise:
+        if family != "default":
+            lookup(params["families"], str(family), "evaluate.input_noise")
+    fid = section(params, "fid", str(scale))
+    for family in fid.protocol:
+        if family != "default":
+            lookup(params["families"], str(family), "fid.protocol")
+    for role in fid.reference_splits_by_role:
+        lookup(params["datasets"], str(role), "fid.reference_splits_by_role")
     for ood in evaluate.ood_sets:
         if ood != "interp":
             lookup(params["datasets"], ood, "evaluate.ood_sets")

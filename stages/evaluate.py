@@ -3,8 +3,10 @@
     python -m stages.evaluate --model models/demo/sadajem_k5 --data data/demo \
         --metrics metrics/demo/eval/sadajem_k5.json --plots plots/demo/eval/sadajem_k5
 
-* accuracy (test set, eval mode, no input noise), and the same with the batch-norm running
-  statistics re-estimated on the un-augmented training split (``accuracy_bn_reestimated``);
+* accuracy (test set, eval mode; Gaussian input noise of std ``evaluate.input_noise`` for the
+  variant's family, 0 unless set: JEM's and JEM++'s scripts use 0.03, also on OOD inputs), and
+  the same with the batch-norm running statistics re-estimated on the un-augmented training
+  split (``accuracy_bn_reestimated``);
 * expected calibration error over ``evaluate.ece_bins`` equal bins, reliability diagram;
 * OOD detection: AUROC of ``log p(x)``, ``max p(y|x)`` and ``-||d log p(x)/dx||`` between the
   test set and every set in ``evaluate.ood_sets`` (dataset roles; ``interp`` is the
@@ -28,7 +30,7 @@ import torch
 
 from jem.datasets import load_split
 from jem.landscape import energy_curve, filter_normalized_direction
-from jem.metrics import accuracy, calibration, predict_logits, with_reestimated_bn
+from jem.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
 from jem.ood import SCORES, auroc, ood_scores
 from jem.params import stage_section
 from stages.common import (
@@ -81,17 +83,20 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
         run.log_params({"evaluate": cfg})
-        logits = predict_logits(model, x_test, batch_size=batch, device=device)
+        table = cfg.get("input_noise") or {}
+        noise = float(table.get(variant.family, table.get("default", 0.0)))  # evaluate.input_noise
+        x_eval = with_input_noise(x_test, noise, seed)
+        logits = predict_logits(model, x_eval, batch_size=batch, device=device)
         cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
         # the same weights with batch-norm statistics re-estimated on the (un-augmented) training
         # split: agrees with "accuracy" when the running statistics describe labelled data
         x_train, _ = load_split(args.data / role / "train.npz")
         recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device)
-        acc_bn = accuracy(predict_logits(recalibrated, x_test, batch_size=batch, device=device), y_test)
+        acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
         del recalibrated
         metrics: dict = {
             "variant": variant.name, "family": variant.family, "dataset": role, "source": meta["source"],
-            "weights": select, "test_images": len(y_test),
+            "weights": select, "test_images": len(y_test), "input_noise": noise,
             "accuracy": accuracy(logits, y_test), "ece": cal.ece,
             "accuracy_bn_reestimated": acc_bn,
         }
@@ -99,11 +104,13 @@ def main() -> None:
         # ---- OOD detection ------------------------------------------------------------------
         ood_test = x_test if limit is None or limit >= len(x_test) else x_test[
             np.sort(np.random.default_rng(seed).choice(len(x_test), limit, replace=False))]
-        scores = {"test": ood_scores(model, ood_test, batch, device, progress=True, desc="ood test")}
+        scores = {"test": ood_scores(model, with_input_noise(ood_test, noise, seed), batch, device, progress=True,
+                                     desc="ood test")}
         sources = {"test": str(args.data / role / "test.npz")}
         for ood in ood_roles:
             images, sources[ood] = ood_set(args.data, ood, role, limit, seed)
-            scores[ood] = ood_scores(model, torch.from_numpy(images), batch, device, progress=True, desc=f"ood {ood}")
+            scores[ood] = ood_scores(model, with_input_noise(torch.from_numpy(images), noise, seed + 1), batch, device,
+                                     progress=True, desc=f"ood {ood}")
         metrics["ood"] = {s: {ood: auroc(scores["test"][s], scores[ood][s]) for ood in ood_roles} for s in SCORES}
         metrics["ood_images"] = {k: len(v["log_px"]) for k, v in scores.items()}
 

@@ -5,12 +5,18 @@
         --metrics metrics/demo/fid/sadajem_k5.json
 
 ``reference`` (stage ``fid_ref@<role>``): Inception statistics of a training dataset's real
-images (``fid.reference_splits``; the papers use CIFAR-10 train + test), computed once
+images (``fid.reference_splits``, or ``fid.reference_splits_by_role`` for the role; the
+reference code uses CIFAR-10 train + test and the CIFAR-100 training set), computed once
 and cached as a DVC output: ``stats.npz`` and ``info.json``.
 
 ``score`` (stage ``fid@<variant>``): IS and FID of each sample set in ``fid.sets`` (the final
 replay buffer, as the reference code scores, and fresh chains from p0) against the
-reference of the variant's training data.
+reference of the variant's training data, under every protocol of
+``jem.inception.PROTOCOLS`` (one Inception pass per set; a protocol only picks images):
+``whole`` scores every image (JEM++'s eval_buffer), ``sadajem`` the most confident
+``fid.is_ratio`` (IS) and ``fid.fid_ratio`` (FID) per predicted class (SADA-JEM's
+cond_is_fid). The set's top-level ``is``/``fid`` are those of the variant family's protocol
+(``fid.protocol``); every protocol's numbers are under ``protocols``.
 
 The weights come from ``fid.weights`` (a local file; ``weights/`` is tracked so that dropping
 the file there reruns these stages) or, when ``data.download`` is true, pytorch-fid's
@@ -31,13 +37,14 @@ import torch
 from jem.config import resolve_perf
 from jem.datasets import load_split
 from jem.inception import (
+    PROTOCOLS,
     GaussianStats,
     InceptionUnavailable,
     feature_stats,
-    frechet_distance,
     inception_outputs,
-    inception_score,
     load_fid_inception,
+    protocol_indices,
+    score_protocol,
 )
 from jem.params import scale_name, stage_section
 from jem.settings import section
@@ -65,11 +72,14 @@ def reference(args: argparse.Namespace) -> None:
     device = setup_run(params)
     cfg = stage_section(params, "fid")
     meta = json.loads((args.data / "meta.json").read_text())
-    splits = list(cfg.get("reference_splits", ["train", "val", "test"]))
+    splits = list((cfg.get("reference_splits_by_role") or {}).get(meta["role"])
+                  or cfg.get("reference_splits", ["train", "val", "test"]))
     with mlflow_run(f"fid_ref@{meta['role']}", params, {"dataset": meta["role"]}) as run:
         run.log_params({"fid": cfg})
         parts = []
         for split in splits:
+            if split == "val" and "val" not in meta["counts"]:
+                continue  # no hold-out (val: 0): the training split is the whole training set
             path = args.data / f"{split}.npz"
             if not path.exists():
                 raise StageError(f"fid.reference_splits names {split!r} but {path} does not exist; "
@@ -96,6 +106,29 @@ def reference(args: argparse.Namespace) -> None:
               ("statistics cached" if info["status"] == "ok" else f"unavailable: {info['reason']}"))
 
 
+def family_protocol(params: dict[str, Any], cfg: dict[str, Any], variant: str) -> str:
+    """The IS/FID protocol of a variant: ``fid.protocol[<its family>]``, else ``default``, else ``whole``."""
+    family = str((params.get("methods") or {}).get(variant, {}).get("family", ""))
+    table = cfg.get("protocol") or {}
+    return str(table.get(family, table.get("default", "whole")))
+
+
+def score_set(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, pred: np.ndarray | None,
+              conf: np.ndarray | None, cfg: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """One set's numbers under every protocol; top level: ``protocol``'s."""
+    by_protocol = {}
+    for name in PROTOCOLS:
+        if name != "whole" and pred is None:
+            by_protocol[name] = {"note": "samples.npz has no predictions (rerun the sample stage)"}
+            continue
+        is_idx, fid_idx = protocol_indices(name, pred, conf, len(feats), float(cfg.get("is_ratio", 0.1)),
+                                           float(cfg.get("fid_ratio", 0.9)))
+        by_protocol[name] = score_protocol(feats, logits, ref, is_idx, fid_idx, cfg.get("splits"))
+    chosen = by_protocol[protocol]
+    return {"n": len(feats), "protocol": protocol, "is": chosen.get("is"), "is_std": chosen.get("is_std"),
+            "fid": chosen.get("fid"), "protocols": by_protocol}
+
+
 def score(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
@@ -120,21 +153,25 @@ def score(args: argparse.Namespace) -> None:
                     metrics.update(status="unavailable", reason=str(exc))
                 else:
                     ref = GaussianStats.load(args.ref / role / "stats.npz")
-                    metrics.update(status="ok", reference=f"{role} ({ref.n} images)")
+                    protocol = family_protocol(params, cfg, name)
+                    metrics.update(status="ok", reference=f"{role} ({ref.n} images)", protocol=protocol)
                     for key in cfg.get("sets", ["buffer", "fresh"]):
                         if key not in samples.files:
+                            sets = [f for f in samples.files if not f.startswith(("ranked_", "pred_", "conf_"))]
                             raise StageError(f"fid.sets names {key!r}; {args.samples}/samples.npz holds "
-                                             f"{', '.join(f for f in samples.files if not f.startswith('ranked_'))}")
+                                             f"{', '.join(sets)}")
                         feats, logits = inception_outputs(model, samples[key], int(cfg.get("batch_size", 200)),
                                                           device, desc=f"inception {key}",
                                                           channels_last=_nhwc(params, device))
-                        is_mean, is_std = inception_score(logits, int(cfg.get("splits", 10)))
-                        metrics[key] = {"n": len(feats), "is": is_mean, "is_std": is_std,
-                                        "fid": frechet_distance(feature_stats(feats), ref)}
-                        run.log_metrics({f"{key}/is": is_mean, f"{key}/fid": metrics[key]["fid"]})
+                        pred = samples[f"pred_{key}"] if f"pred_{key}" in samples.files else None
+                        conf = samples[f"conf_{key}"] if f"conf_{key}" in samples.files else None
+                        metrics[key] = score_set(feats, logits, ref, pred, conf, cfg, protocol)
+                        run.log_metrics({f"{key}/{p}/{m}": v[m] for p, v in metrics[key]["protocols"].items()
+                                         for m in ("is", "fid") if v.get(m) is not None})
         write_json(args.metrics, metrics)
         run.set_tags({"status": metrics["status"]})
-        shown = {k: (round(v["is"], 2), round(v["fid"], 2)) for k, v in metrics.items() if isinstance(v, dict)}
+        shown = {k: tuple(None if v[m] is None else round(v[m], 2) for m in ("is", "fid"))
+                 for k, v in metrics.items() if isinstance(v, dict)}
         print(f"[fid] {name}: {metrics['status']} {shown or metrics.get('reason', '')}")
 
 

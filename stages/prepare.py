@@ -58,7 +58,7 @@ def make_splits(spec: dict, root: Path, download: bool) -> dict[str, tuple[np.nd
     elif source in TORCHVISION_DATASETS:
         if classes:
             splits["train"] = load_torchvision(source, root, "train", download=download)
-        test = load_torchvision(source, root, "test", download=download)
+        test = load_torchvision(source, root, "test", download=download, crop=str(spec.get("crop", "center")))
         splits["test"] = _subsample(*test, spec.get("test"), seed)
     else:
         raise StageError(f"source = {source!r}: expected one of {', '.join(PROCEDURAL + TORCHVISION_DATASETS)}")

@@ -6,12 +6,16 @@
 Tables (Markdown, CSV and LaTeX, one set per table, plus ``README.md`` with all of them):
 every table in ``reports/published.yaml`` (SADA-JEM Tables 1, 2, 3, 5, 6 and its ECE figures;
 JEM++ Tables 2, 3, 4, 5, its OOD and ECE tables) with, for every row, our value, the
-published value and the difference, a row whose variant did not run marked ``not run``;
+published value and the difference, a row whose variant did not run marked ``not run``,
+and a note saying how the published number was measured where it differs from ours
+(``note``, ``measured`` of the row and of the table in ``published.yaml``);
 ``summary`` (every variant that ran); ``robustness`` (PGD and BPDA+EOT accuracy per radius;
 the papers publish these as a figure only). Where each number comes from:
 
 * accuracy, ECE, OOD AUROC: ``<metrics>/eval/<variant>.json`` (stage ``evaluate@<variant>``);
-* IS, FID: ``<metrics>/fid/<variant>.json`` (stage ``fid@<variant>``, replay-buffer samples);
+* IS, FID: ``<metrics>/fid/<variant>.json`` (stage ``fid@<variant>``, replay-buffer samples),
+  under the row's ``protocol`` (how the paper selected the images, when known) or else the
+  family's (``fid.protocol``), the other protocols' numbers beside them;
 * run time: ``<metrics>/train/<variant>.json`` (stage ``train@<variant>``);
 * robustness: ``<metrics>/robustness/<variant>.json`` (stage ``robustness@<variant>``).
 
@@ -86,7 +90,13 @@ def measured(column: str, row: dict[str, Any], runs: Runs, fid_set: str) -> Any:
             return "not computed"
         if fid.get("status") != "ok":
             return str(fid.get("status"))
-        return fid.get(fid_set, {}).get(column, f"no {fid_set} samples")
+        scored = fid.get(fid_set)
+        if scored is None:
+            return f"no {fid_set} samples"
+        protocol = row.get("protocol") or scored.get("protocol")
+        numbers = (scored.get("protocols") or {}).get(protocol, scored if protocol == scored.get("protocol") else {})
+        value = numbers.get(column)
+        return value if value is not None else numbers.get("note", f"no {protocol} numbers")
     if column in OOD_KEYS:
         scores = (ev or {}).get("ood", {}).get(row.get("score", ""), {})
         value = scores.get(OOD_KEYS[column])
@@ -102,9 +112,31 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
+def _num(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
+
+def protocol_cells(row: dict[str, Any], spec: dict[str, Any], runs: Runs, fid_set: str) -> dict[str, str]:
+    """Which IS/FID protocol our numbers use (the paper's where it is known), and the other protocols' numbers."""
+    fid = runs.get("fid", row["variant"]) if row["variant"] in runs.variants else None
+    scored = (fid or {}).get(fid_set) if (fid or {}).get("status") == "ok" else None
+    paper = row.get("protocol")
+    if scored is None:
+        published = any(row.get(c) is not None for c in ("is", "fid"))
+        return {"IS/FID protocol": f"paper: {paper or 'not stated'}" if published else "", "other protocols": ""}
+    ours = paper or scored.get("protocol")
+    how = "as the paper" if paper else "the family's; the paper does not say"
+    cols = [c for c in ("is", "fid") if c in spec["columns"]]
+    others = "; ".join(f"{name}: " + ", ".join(f"{COLUMN_TITLES[c]} {_num(n.get(c))}" for c in cols)
+                       for name, n in (scored.get("protocols") or {}).items() if name != ours)
+    return {"IS/FID protocol": f"{ours} ({how})", "other protocols": others}
+
+
 def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
+    """Our value, the paper's and the difference per column; notes say how the paper's was measured."""
     records = []
     for row in spec["rows"]:
+        row = {"protocol": spec.get("protocol"), **row}  # the table's protocol unless the row names one
         rec: dict[str, Any] = {"row": row["label"], "variant": row["variant"]}
         if "score" in row:
             rec["score"] = SCORE_TITLES.get(row["score"], row["score"])
@@ -115,7 +147,10 @@ def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
             rec[f"{col} paper"] = published
             both = isinstance(ours, (int, float)) and isinstance(published, (int, float))
             rec[f"{col} diff"] = ours - published if both else None
-        rec["paper note"] = row.get("note", "")
+        if {"is", "fid"} & set(spec["columns"]):
+            rec.update(protocol_cells(row, spec, runs, fid_set))
+        rec["paper note"] = " ".join(n if n.endswith(".") else f"{n}." for n in (
+            row.get("note", ""), row.get("measured", ""), spec.get("measured", "")) if n)
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -141,6 +176,8 @@ def robustness_table(runs: Runs) -> pd.DataFrame:
             rec["note"] = f"{rob['images']} test images (BPDA: {bpda['images']})"
         else:
             rec["note"] = f"{rob['images']} test images; BPDA+EOT {bpda.get('status')}: {bpda.get('reason', '')}"
+        if rob.get("pgd_success"):
+            rec["note"] += f"; PGD broken by: {rob['pgd_success'].replace('_', ' ')}"
         records.append(rec)
     table = pd.DataFrame.from_records(records)
     attacks = ("PGD Linf", "PGD L2", "BPDA+EOT")
@@ -163,7 +200,7 @@ def _title(col: str) -> str:
 def render(name: str, title: str, table: pd.DataFrame, out: Path, header: str, digits: int) -> str:
     shown = table.copy()
     for col in shown.columns:
-        if col not in ("row", "variant", "score", "paper note", "note"):
+        if col not in ("row", "variant", "score", "paper note", "note", "IS/FID protocol", "other protocols"):
             shown[col] = shown[col].map(lambda v: _fmt(v, digits))
     shown.columns = [_title(c) for c in shown.columns]
     table.to_csv(out / f"{name}.csv", index=False)
@@ -258,7 +295,8 @@ def main() -> None:
     fid_set = str((params.get("fid") or {}).get("sets", ["buffer"])[0])
 
     header = (f"Scale **{scale}** (commit {_commit()}). *ours*: accuracy, ECE and OOD from "
-              f"`metrics/{scale}/eval/<variant>.json`, IS/FID ({fid_set} samples) from "
+              f"`metrics/{scale}/eval/<variant>.json`, IS/FID ({fid_set} samples, under the protocol each row "
+              f"names) from "
               f"`metrics/{scale}/fid/<variant>.json`, run time from `metrics/{scale}/train/<variant>.json`, "
               f"all written by `dvc repro`; *paper*: `{args.published}`."
               + (f" The {scale} scale uses procedural stand-in data and a WRN-10-1 trained for minutes: "

@@ -3,10 +3,13 @@
     python -m stages.robustness --model models/demo/sadajem_k5 --data data/demo \
         --metrics metrics/demo/robustness/sadajem_k5.json --plots plots/demo/robustness/sadajem_k5
 
-On the first ``robustness.images`` test images (the reference code uses 1,000):
+On ``robustness.images`` test images (the reference code uses 1,000):
 
 * foolbox PGD under L-inf (radii ``robustness.linf``, in 1/255) and L2 (``robustness.l2``, on
-  [0, 1] images), ``robustness.steps`` steps, random start;
+  [0, 1] images), ``robustness.steps`` steps, random start; step ``rel_stepsize`` x radius or
+  fixed (``linf_step``, ``l2_step``); an image is broken when any iterate fools the model
+  (``success: any_iterate``, the reference's accounting) or only the final one (``final``);
+  ``shuffle`` takes a seeded random subset of the test set instead of the first images;
 * for generative variants, BPDA+EOT against the sampler-purified classifier
   (``robustness.bpda``): noisy copies of the input are moved by ``purify_steps`` steps of
   the variant's sampler (overridden by ``bpda.sampler``), their logits averaged over
@@ -24,6 +27,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jem.config import SamplerConfig, deep_merge
@@ -61,22 +65,31 @@ def main() -> None:
     role = variant.dataset
     x, y = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))
     n = min(int(cfg.get("images", 1000)), len(x))
-    x, y = x[:n], y[:n]
+    if cfg.get("shuffle"):  # the reference attacks the first batches of a shuffled test loader
+        pick = torch.from_numpy(np.sort(np.random.default_rng(int(cfg.get("seed", 0))).permutation(len(x))[:n]))
+        x, y = x[pick], y[pick]
+    else:
+        x, y = x[:n], y[:n]
     steps, rel = int(cfg["steps"]), cfg.get("rel_stepsize")
+    fixed = {"linf": cfg.get("linf_step"), "l2": cfg.get("l2_step")}
+    success = str(cfg.get("success", "any_iterate"))
     batch = int(cfg.get("batch_size", 250))
     torch.manual_seed(int(cfg.get("seed", 0)))
 
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"robustness@{variant.name}", params, tags) as run:
         run.log_params({"robustness": cfg})
-        metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n}
+        metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n,
+                                   "pgd_success": success}
         rows: list[tuple[str, str, float, float]] = []
         for norm in ("linf", "l2"):
             radii = [float(e) for e in cfg.get(norm, [])]
             if not radii:
                 continue
             scaled = [e / 255 for e in radii] if norm == "linf" else radii
-            acc = pgd_accuracy(model, x, y, norm, scaled, steps, rel, batch, device)
+            step = fixed[norm] and (float(fixed[norm]) / 255 if norm == "linf" else float(fixed[norm]))
+            acc = pgd_accuracy(model, x, y, norm, scaled, steps, rel, batch, device, abs_stepsize=step or None,
+                               success=success)
             metrics[f"pgd_{norm}"] = {_radius_key(norm, e): a for e, a in zip(radii, acc, strict=True)}
             rows += [(f"PGD {norm}", norm, e, a) for e, a in zip(radii, acc, strict=True)]
             print(f"[robustness] {variant.name} PGD {norm}: " + ", ".join(f"{e:g}: {a:.3f}" for e, a in

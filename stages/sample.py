@@ -8,8 +8,11 @@ started from p0 and run for the variant's sampler steps, and class-conditional f
 (one grid row per class). Then, per class (the classifier's prediction), the ``ranked``
 best and worst samples by ``log p(x)`` and by ``p(y|x)`` among the buffer and fresh sets
 (``best_px.png``, ``worst_px.png``, ``best_pyx.png``, ``worst_pyx.png``; indices into the
-concatenation buffer + fresh in ``samples.npz``). Batch norm samples with batch statistics
-when the variant does, but never updates the running statistics here.
+concatenation buffer + fresh in ``samples.npz``). For every set, the classifier's prediction
+and confidence ``max_y p(y|x)`` of each saved image (``pred_<set>``, ``conf_<set>``, eval
+mode): the SADA-JEM IS/FID protocol selects by them (``jem.inception.confident_per_class``).
+Batch norm samples with batch statistics when the variant does, but never updates the
+running statistics here.
 """
 
 from __future__ import annotations
@@ -109,9 +112,15 @@ def main() -> None:
         pool = np.concatenate([sets["buffer"], sets["fresh"]])
         logits = predict_logits(model, torch.from_numpy(pool), device=device)
         ranked = rank_per_class(logits, int(cfg.get("ranked", 8)))
+        set_logits = {"buffer": logits[:len(sets["buffer"])], "fresh": logits[len(sets["buffer"]):],
+                      "conditional": predict_logits(model, torch.from_numpy(sets["conditional"]), device=device)}
+        confidence = {}
+        for key, lg in set_logits.items():
+            conf, pred = torch.softmax(lg, 1).max(1) if len(lg) else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            confidence[f"pred_{key}"], confidence[f"conf_{key}"] = pred.numpy().astype(np.int64), conf.numpy()
 
         with building(args.out) as tmp:
-            np.savez(tmp / "samples.npz", conditional_labels=cond_labels.numpy(), **sets,
+            np.savez(tmp / "samples.npz", conditional_labels=cond_labels.numpy(), **sets, **confidence,
                      **{f"ranked_{k}": v for k, v in ranked.items()})
             grid = int(cfg.get("grid", 100))
             for key in ("buffer", "fresh"):

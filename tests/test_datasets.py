@@ -459,3 +459,17 @@ def test_load_split_missing_file(tmp_path):
         load_split(path)
     msg = str(info.value)
     assert "\n" not in msg and str(path) in msg and "dvc repro prepare" in msg
+
+
+def test_celeba_uncropped_keeps_the_aspect_ratio_like_resize_32(tmp_path, no_md5):
+    make_celeba(tmp_path)
+    images, _ = load_torchvision("celeba", tmp_path, "test", crop="none")
+    # 178 x 218 with the shorter side at 32: 32 wide, int(32 * 218 / 178) = 39 high (torchvision Resize(32))
+    assert images.shape == (2, 3, 39, 32) and images.dtype == np.uint8
+    for k, i in enumerate((4, 5)):
+        # the black bands stay: the top row is dark, the middle row the image's colour
+        assert images[k, :, 0].astype(int).mean() < 60
+        want = np.array(CELEBA_COLOURS[i], dtype=np.int16)[:, None]
+        assert np.abs(images[k, :, 19].astype(np.int16) - want).max() <= 6
+    with pytest.raises(ValueError, match="unknown crop 'top'"):
+        load_torchvision("celeba", tmp_path, "test", crop="top")

@@ -186,3 +186,17 @@ def test_filter_normalised_direction_and_curve():
         x = images.float() / 127.5 - 1
         by_hand = (-torch.logsumexp(model(x).double(), 1)).sum().item()
     assert curve[2] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_test_time_input_noise_is_seeded_gaussian_on_the_unit_range():
+    from jem.data import to_unit_range
+    from jem.metrics import with_input_noise
+
+    images = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert with_input_noise(images, 0.0) is images  # SADA-JEM's evaluation: the images as they are
+    noisy = with_input_noise(images, 0.03, seed=5)
+    delta = noisy - to_unit_range(images)
+    assert noisy.dtype == torch.float32 and abs(delta.mean().item()) < 1e-3
+    assert delta.std().item() == pytest.approx(0.03, rel=0.02)  # JEM's / JEM++'s default sigma
+    torch.testing.assert_close(with_input_noise(images, 0.03, seed=5), noisy)
+    assert not torch.equal(with_input_noise(images, 0.03, seed=6), noisy)

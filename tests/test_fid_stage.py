@@ -27,7 +27,7 @@ from .conftest import ROOT
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["scale"] = "tiny"
-    params["scales"]["tiny"]["fid"] = {"reference_max": 24, "batch_size": 8, "splits": 2}
+    params["scales"]["tiny"]["fid"] = {"reference_max": 24, "batch_size": 8, "splits": 2, "is_ratio": 0.5}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rng = np.random.default_rng(0)
     data = tmp_path / "data" / "tiny" / "cifar10"
@@ -37,8 +37,11 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "counts": {}}))
     samples = tmp_path / "samples" / "tiny" / "sadajem_k5"
     samples.mkdir(parents=True)
-    np.savez(samples / "samples.npz", buffer=rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8),
-             fresh=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    # the classifier's predictions: 10 buffer images in classes 0 (5 images) and 1 (5 images)
+    np.savez(samples / "samples.npz", buffer=rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8),
+             fresh=rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8),
+             pred_buffer=np.array([0, 1] * 5), conf_buffer=np.linspace(0.9, 0.5, 10),
+             pred_fresh=np.zeros(4, dtype=np.int64), conf_fresh=np.full(4, 0.5))
     (samples / "info.json").write_text(json.dumps({"variant": "sadajem_k5", "dataset": "cifar10",
                                                    "generative": True}))
     net = fid_inception_architecture()
@@ -63,10 +66,21 @@ def test_reference_then_score_record_real_numbers(workspace: Path):
                                        metrics=Path("metrics/tiny/fid/sadajem_k5.json")))
     metrics = json.loads((workspace / "metrics/tiny/fid/sadajem_k5.json").read_text())
     assert metrics["status"] == "ok" and metrics["reference"] == "cifar10 (24 images)"
-    for key, n in (("buffer", 6), ("fresh", 4)):
+    assert metrics["protocol"] == "sadajem"  # sadajem_k5's family protocol
+    for key, n in (("buffer", 10), ("fresh", 4)):
         assert metrics[key]["n"] == n
-        assert math.isfinite(metrics[key]["fid"]) and metrics[key]["fid"] >= 0
-        assert 1.0 <= metrics[key]["is"] <= 1008
+        whole = metrics[key]["protocols"]["whole"]
+        assert whole["is_n"] == whole["fid_n"] == n and whole["is_splits"] == 2  # fid.splits: 2 in the fixture
+        assert math.isfinite(whole["fid"]) and whole["fid"] >= 0
+        assert 1.0 - 1e-9 <= whole["is"] <= 1008
+    # sadajem protocol on the buffer: per class int(5 * 0.5) = 2 for IS and int(5 * 0.9) = 4 for FID
+    sada = metrics["buffer"]["protocols"]["sadajem"]
+    assert (sada["is_n"], sada["fid_n"]) == (4, 8)
+    assert metrics["buffer"]["is"] == sada["is"] and metrics["buffer"]["fid"] == sada["fid"]
+    assert math.isfinite(sada["fid"]) and math.isfinite(sada["is"]) and sada["is_splits"] == 2
+    # fresh: int(4 * 0.5) = 2 images for IS, 3 for FID
+    fresh = metrics["fresh"]["protocols"]["sadajem"]
+    assert (fresh["is_n"], fresh["fid_n"]) == (2, 3)
 
 
 def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypatch: pytest.MonkeyPatch):

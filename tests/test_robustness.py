@@ -106,3 +106,39 @@ def test_purified_logits_average_noisy_chains():
     noisy = noisy + 0.05 * torch.randn_like(noisy)
     want = model(sample(model, noisy, sampler)).view(4, 3, 2).mean(1)
     torch.testing.assert_close(got, want)
+
+
+class _BandFn(torch.autograd.Function):
+    """Misclassifies (class 0) only while mean(x[:, 0]) is in (0, 0.2); the gradient always
+    pushes every pixel down, so PGD walks through the band and out of it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        m = x[:, 0].mean(dim=(1, 2))
+        inside = (m > 0) & (m < 0.2)
+        return torch.stack([torch.where(inside, 10.0, -10.0), torch.zeros_like(m)], 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -torch.ones(ctx.shape, dtype=grad.dtype, device=grad.device)
+
+
+class Band(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _BandFn.apply(x)
+
+
+def test_an_image_broken_by_any_iterate_counts_as_broken():
+    # class 1 images at level 0.3 (model units); L-inf radius 0.2 on [0, 1] = 0.4 here, step 0.1:
+    # the iterates' mean goes 0.3, 0.2, 0.1, ... through the band (0, 0.2) and ends at -0.1 (correct)
+    x, y = torch.full((8, 3, 4, 4), 0.3), torch.ones(8, dtype=torch.long)
+    model = Band().eval()
+    args = dict(norm="linf", epsilons=[0.0, 0.2], steps=10, rel_stepsize=0.25, batch_size=4)
+    assert pgd_accuracy(model, x, y, success="final", **args) == [1.0, 1.0]  # foolbox's final iterate only
+    assert pgd_accuracy(model, x, y, success="any_iterate", **args) == [1.0, 0.0]
+    fooled: list[torch.Tensor] = []
+    final = pgd_examples(model, (x + 1) / 2, y, "linf", [0.2], steps=10, rel_stepsize=0.25, fooled=fooled)[0]
+    assert fooled[0].all() and (final * 2 - 1).mean() == pytest.approx(-0.1, abs=1e-5)
+    # a fixed step (the reference's 2/255) replaces the relative one
+    assert make_attack("linf", 5, rel_stepsize=0.5, abs_stepsize=2 / 255).abs_stepsize == pytest.approx(2 / 255)
