@@ -14,9 +14,10 @@ against the sha256 prefix in its name) or, when allowed, from pytorch-fid's rele
 When neither works, ``InceptionUnavailable`` says why in one line, and the caller reports
 the metric as unavailable; nothing here ever invents a number.
 
-* FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, computed by
-  pytorch-fid's ``calculate_frechet_distance``; statistics are the mean and the unbiased
-  covariance (``np.cov``), as pytorch-fid computes them.
+* FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, in float64 on the
+  device from the eigenvalues of ``S1^1/2 S2 S1^1/2`` (``frechet_distance``; tested against
+  pytorch-fid's ``calculate_frechet_distance``, which uses scipy's ``sqrtm``); statistics are
+  the mean and the unbiased covariance (``np.cov``), as pytorch-fid computes them.
 * IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the softmax of the unbiased logits, per split;
   mean and standard deviation over the splits. The reference scripts use
   ``max(1, n // 5000)`` splits (``reference_is_splits``): 2 for a 10,000-image buffer, 1 for
@@ -226,12 +227,26 @@ def feature_stats(features: np.ndarray) -> GaussianStats:
     return GaussianStats(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features))
 
 
-def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
+def frechet_distance(a: GaussianStats, b: GaussianStats, device: torch.device | str | None = None) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2)`` in float64 on ``device`` (the GPU
+    when there is one): ``S1 S2`` is similar to the symmetric ``S1^1/2 S2 S1^1/2``, so the trace
+    term is the sum of the square roots of that matrix's eigenvalues (two ``eigh`` of 2048 x 2048
+    instead of scipy's ``sqrtm`` on the CPU, which pytorch-fid uses; equal to it within float64
+    rounding, and never complex: tiny negative eigenvalues of a singular product clamp to 0)."""
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
-    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def t(x: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
+
+    mu1, mu2, s1, s2 = t(a.mu), t(b.mu), t(a.sigma), t(b.sigma)
+    w, v = torch.linalg.eigh(0.5 * (s1 + s1.T))
+    sqrt_s1 = (v * w.clamp(min=0).sqrt()) @ v.T
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_covmean = torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 
 
 def reference_is_splits(n: int) -> int:

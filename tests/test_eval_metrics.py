@@ -119,6 +119,18 @@ def test_ood_scores_match_closed_forms_on_a_linear_model():
 # ---- FID and IS ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rank", [64, 20])  # full rank, and singular covariances (fewer samples than dims)
+def test_frechet_distance_on_the_device_equals_pytorch_fids_scipy_computation(rank):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(rank)
+    a = rng.normal(size=(rank + 1, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    b = rng.normal(size=(rank + 1, 64)) * 1.7 + 0.5
+    sa, sb = feature_stats(a), feature_stats(b)
+    expected = calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    assert frechet_distance(sa, sb, device="cpu") == pytest.approx(expected, rel=1e-6)
+
+
 def test_frechet_distance_of_gaussians_with_a_closed_form():
     rng = np.random.default_rng(1)
     d = 6
