@@ -38,9 +38,10 @@ from stages.common import (
     main_guard,
     mlflow_run,
     setup_run,
-    write_json,
+    write_metrics,
 )
 from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
+from stages.plot_data import write_ood_histograms
 
 
 def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int) -> tuple[np.ndarray, str]:
@@ -80,6 +81,7 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
         run.log_params({"evaluate": cfg})
+        run.log_dataset(args.data / role / "test.npz", "testing")
         logits = predict_logits(model, x_test, batch_size=batch, device=device)
         cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
         metrics: dict = {
@@ -120,7 +122,7 @@ def main() -> None:
                     writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
                                      cal.bin_accuracy[i], count])
             plot_reliability(asdict(cal), tmp / "reliability.png", title=f"{variant.name} ({role})")
-            np.savez(tmp / "ood_scores.npz", **{f"{k}.{s}": v[s] for k, v in scores.items() for s in SCORES})
+            write_ood_histograms(tmp, scores, SCORES)
             plot_ood_histograms(scores, metrics["ood"], tmp / "ood_histograms.png", title=f"{variant.name} ({role})")
             with open(tmp / "landscape.csv", "w", newline="") as fh:
                 writer = csv.writer(fh)
@@ -128,7 +130,7 @@ def main() -> None:
                 writer.writerows(zip(alphas.tolist(), curve.tolist(), strict=True))
             plot_landscape({variant.name: (alphas, curve)}, tmp / "landscape.png", shared_y=True,
                            title=f"{variant.name}: sum of E(x) over {n_land} training images")
-        write_json(args.metrics, {**metrics, "ood_sources": sources})
+        write_metrics(args.metrics, {**metrics, "ood_sources": sources})
         run.log_metrics({"test/accuracy": metrics["accuracy"], "test/ece": metrics["ece"],
                          **{f"ood/{s}/{k}": v for s, d in metrics["ood"].items() for k, v in d.items()},
                          "landscape/energy_sum_range": metrics["landscape"]["energy_sum_range"]})

@@ -40,7 +40,16 @@ from jem.inception import (
 )
 from jem.params import scale_name, stage_section
 from jem.settings import section
-from stages.common import StageError, building, load_params, main_guard, mlflow_run, setup_run, write_json
+from stages.common import (
+    StageError,
+    building,
+    load_params,
+    main_guard,
+    mlflow_run,
+    setup_run,
+    write_json,
+    write_metrics,
+)
 
 
 def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> Any:
@@ -130,7 +139,7 @@ def score(args: argparse.Namespace) -> None:
                         metrics[key] = {"n": len(feats), "is": is_mean, "is_std": is_std,
                                         "fid": frechet_distance(feature_stats(feats), ref)}
                         run.log_metrics({f"{key}/is": is_mean, f"{key}/fid": metrics[key]["fid"]})
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
         run.set_tags({"status": metrics["status"]})
         shown = {k: (round(v["is"], 2), round(v["fid"], 2)) for k, v in metrics.items() if isinstance(v, dict)}
         print(f"[fid] {name}: {metrics['status']} {shown or metrics.get('reason', '')}")
