@@ -189,12 +189,16 @@ def _serve_proxied_artifacts_locally(root: Path) -> None:
     the file the server serves for that URI when started in ``root`` (its default destination)."""
     from urllib.parse import urlparse
 
+    import mlflow
     from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
     destination = root / "mlartifacts"
 
-    def local(uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> LocalArtifactRepository:
+    def local(uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> Any:
+        if (tracking_uri or mlflow.get_tracking_uri()).startswith(("http:", "https:")):  # a real server
+            return MlflowArtifactsRepository(uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
         return LocalArtifactRepository(str(destination / urlparse(uri).path.lstrip("/")))
 
     _artifact_repository_registry.register("mlflow-artifacts", local)
