@@ -115,7 +115,7 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
 
     client = MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
-                             filter_string="tags.dvc_stage = 'train@v'")[0]
+                             filter_string="tags.dvc_stage = 'train@jem_k20'")[0]
     assert run.data.tags["recovery.1"] == "step 7: non-finite loss; lower_lr; resumed from step 6"
     assert run.data.metrics["recovery/retries"] == 1 and run.info.status == "FINISHED"
 
