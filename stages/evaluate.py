@@ -7,11 +7,12 @@
 * expected calibration error over ``evaluate.ece_bins`` equal bins, reliability diagram;
 * OOD detection: AUROC of ``log p(x)``, ``max p(y|x)`` and ``-||d log p(x)/dx||`` between the
   test set and every set in ``evaluate.ood_sets`` (dataset roles; ``interp`` is the
-  averaged-pairs set of the training data), with score histograms;
+  averaged-pairs set of the training data), with score histograms (``ood_<score>.csv``/``ood_histograms.png``);
 * energy landscape: ``sum_x E(x)`` over ``evaluate.landscape.fraction`` of the training
   images along a filter-normalised random direction (``landscape.csv``/``.png``).
 
-Plots (CSV + PNG) go to ``--plots``; scalar metrics to ``--metrics``.
+Plots (CSV + PNG) go to ``--plots``; the numbers to ``--metrics``, names and sources to the
+``.notes.json`` beside it.
 """
 
 from __future__ import annotations
