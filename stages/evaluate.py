@@ -10,11 +10,12 @@
 * expected calibration error over ``evaluate.ece_bins`` equal bins, reliability diagram;
 * OOD detection: AUROC of ``log p(x)``, ``max p(y|x)`` and ``-||d log p(x)/dx||`` between the
   test set and every set in ``evaluate.ood_sets`` (dataset roles; ``interp`` is the
-  averaged-pairs set of the training data), with score histograms;
+  averaged-pairs set of the training data), with score histograms (``ood_<score>.csv``/``ood_histograms.png``);
 * energy landscape: ``sum_x E(x)`` over ``evaluate.landscape.fraction`` of the training
   images along a filter-normalised random direction (``landscape.csv``/``.png``).
 
-Plots (CSV + PNG) go to ``--plots``; scalar metrics to ``--metrics``.
+Plots (CSV + PNG) go to ``--plots``; the numbers to ``--metrics``, names and sources to the
+``.notes.json`` beside it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from stages.common import (
     main_guard,
     mlflow_run,
     setup_run,
-    write_json,
+    write_metrics,
 )
 from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
+from stages.plot_data import write_ood_histograms
 
 
 def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int) -> tuple[np.ndarray, str]:
@@ -83,6 +85,7 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
         run.log_params({"evaluate": cfg})
+        run.log_dataset(args.data / role / "test.npz", "testing")
         table = cfg.get("input_noise") or {}
         noise = float(table.get(variant.family, table.get("default", 0.0)))  # evaluate.input_noise
         x_eval = with_input_noise(x_test, noise, seed)
@@ -134,7 +137,7 @@ def main() -> None:
                     writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
                                      cal.bin_accuracy[i], count])
             plot_reliability(asdict(cal), tmp / "reliability.png", title=f"{variant.name} ({role})")
-            np.savez(tmp / "ood_scores.npz", **{f"{k}.{s}": v[s] for k, v in scores.items() for s in SCORES})
+            write_ood_histograms(tmp, scores, SCORES)
             plot_ood_histograms(scores, metrics["ood"], tmp / "ood_histograms.png", title=f"{variant.name} ({role})")
             with open(tmp / "landscape.csv", "w", newline="") as fh:
                 writer = csv.writer(fh)
@@ -142,7 +145,7 @@ def main() -> None:
                 writer.writerows(zip(alphas.tolist(), curve.tolist(), strict=True))
             plot_landscape({variant.name: (alphas, curve)}, tmp / "landscape.png", shared_y=True,
                            title=f"{variant.name}: sum of E(x) over {n_land} training images")
-        write_json(args.metrics, {**metrics, "ood_sources": sources})
+        write_metrics(args.metrics, {**metrics, "ood_sources": sources})
         run.log_metrics({"test/accuracy": metrics["accuracy"], "test/ece": metrics["ece"],
                          "test/accuracy_bn_reestimated": acc_bn,
                          **{f"ood/{s}/{k}": v for s, d in metrics["ood"].items() for k, v in d.items()},

@@ -48,7 +48,16 @@ from jem.inception import (
 )
 from jem.params import scale_name, stage_section
 from jem.settings import section
-from stages.common import StageError, building, load_params, main_guard, mlflow_run, setup_run, write_json
+from stages.common import (
+    StageError,
+    building,
+    load_params,
+    main_guard,
+    mlflow_run,
+    setup_run,
+    write_json,
+    write_metrics,
+)
 
 
 def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> Any:
@@ -168,7 +177,7 @@ def score(args: argparse.Namespace) -> None:
                         metrics[key] = score_set(feats, logits, ref, pred, conf, cfg, protocol)
                         run.log_metrics({f"{key}/{p}/{m}": v[m] for p, v in metrics[key]["protocols"].items()
                                          for m in ("is", "fid") if v.get(m) is not None})
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
         run.set_tags({"status": metrics["status"]})
         shown = {k: tuple(None if v[m] is None else round(v[m], 2) for m in ("is", "fid"))
                  for k, v in metrics.items() if isinstance(v, dict)}

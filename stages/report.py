@@ -39,8 +39,9 @@ import pandas as pd
 import yaml
 
 from jem.params import scale_name, selected_variants
-from stages.common import StageError, building, load_params, main_guard, mlflow_run
+from stages.common import StageError, building, load_params, main_guard, mlflow_run, read_metrics
 from stages.figures import plot_landscape, plot_robustness
+from stages.plot_data import write_variant_tables
 
 PERCENT = {"accuracy", "ece"}
 COLUMN_TITLES = {"accuracy": "Acc %", "is": "IS", "fid": "FID", "ece": "ECE %", "svhn": "SVHN",
@@ -51,6 +52,11 @@ OOD_KEYS = {"svhn": "svhn", "cifar10_interp": "interp", "cifar100": "cifar100", 
 SCORE_TITLES = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "grad_norm": "-||d log p(x)/dx||"}
 SOURCES = {"accuracy": "eval", "ece": "eval", "is": "fid", "fid": "fid", "minutes_per_epoch": "train",
            **{k: "eval" for k in OOD_KEYS}}
+# Columns that ours and the paper's measure the same way only at the paper scale: below it, the
+# table shows both values and no difference, and says why.
+SCALE_BOUND = {"minutes_per_epoch": "run time is not compared at the {scale} scale: ours is a WRN-10-1 on "
+                                    "procedural stand-in data on this machine, the paper's a WRN-28-10 on "
+                                    "CIFAR-10 on its GPU, so a difference would mean nothing"}
 SAMPLE_GRIDS = ("conditional", "buffer", "fresh", "best_px", "worst_px", "best_pyx", "worst_pyx")
 
 
@@ -60,7 +66,7 @@ class Runs:
     def __init__(self, root: Path, variants: list[str]) -> None:
         self.root = root
         self.variants = variants
-        self.by_stage = {stage: {v: _read(root / stage / f"{v}.json") for v in variants}
+        self.by_stage = {stage: {v: read_metrics(root / stage / f"{v}.json") for v in variants}
                          for stage in ("train", "eval", "fid", "robustness")}
 
     def get(self, stage: str, variant: str) -> dict[str, Any] | None:
@@ -132,7 +138,12 @@ def protocol_cells(row: dict[str, Any], spec: dict[str, Any], runs: Runs, fid_se
     return {"IS/FID protocol": f"{ours} ({how})", "other protocols": others}
 
 
-def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
+def comparable(column: str, scale: str) -> bool:
+    """Whether a ``diff`` of ours and the paper's value means anything at this scale."""
+    return scale == "paper" or column not in SCALE_BOUND
+
+
+def build_table(spec: dict[str, Any], runs: Runs, fid_set: str, scale: str = "paper") -> pd.DataFrame:
     """Our value, the paper's and the difference per column; notes say how the paper's was measured."""
     records = []
     for row in spec["rows"]:
@@ -146,7 +157,8 @@ def build_table(spec: dict[str, Any], runs: Runs, fid_set: str) -> pd.DataFrame:
             rec[f"{col} ours"] = ours
             rec[f"{col} paper"] = published
             both = isinstance(ours, (int, float)) and isinstance(published, (int, float))
-            rec[f"{col} diff"] = ours - published if both else None
+            if comparable(col, scale):
+                rec[f"{col} diff"] = ours - published if both else None
         if {"is", "fid"} & set(spec["columns"]):
             rec.update(protocol_cells(row, spec, runs, fid_set))
         rec["paper note"] = " ".join(n if n.endswith(".") else f"{n}." for n in (
@@ -326,7 +338,11 @@ def main() -> None:
                      f"{summary.to_markdown(index=False, floatfmt='.2f')}\n\n{bn_note}\n\n## The papers' tables\n"]
             for name, spec in published.items():
                 digits = 3 if set(spec["columns"]) <= set(OOD_KEYS) else 2
-                parts.append(render(name, spec["title"], build_table(spec, runs, fid_set), tmp, header, digits))
+                why = [SCALE_BOUND[c].format(scale=scale) for c in spec["columns"] if not comparable(c, scale)]
+                table_header = header + "".join(f" No *diff* column: {w}." for w in why)
+                parts.append(render(name, spec["title"], build_table(spec, runs, fid_set, scale), tmp, table_header,
+                                    digits))
+                parts += [f"No *diff* column: {w}.\n" for w in why]
             rob_header = (f"Accuracy % under attack, from `metrics/{scale}/robustness/<variant>.json` (stage "
                           "robustness). L-inf radii in 1/255, L2 radii on [0, 1] images. *paper*: SADA-JEM reports "
                           "robustness as a figure (Fig. 5), with no numbers to compare against.")
@@ -334,6 +350,8 @@ def main() -> None:
             parts.append(render("robustness", "Robustness: accuracy (%) under PGD and BPDA+EOT", robustness_table(runs),
                                 tmp, rob_header, 1))
             missing_figs = figures(runs, args.plots, args.samples, tmp / "figures")
+            missing_figs += write_variant_tables(args.plots, variants, tmp / "plots",  # for dvc plots
+                                                 list((params.get("evaluate") or {}).get("ood_sets", [])))
             fig_list = "\n".join(f"- [{p.name}](figures/{p.name})" for p in sorted((tmp / "figures").glob("*.png")))
             parts.append(f"## Figures\n\n{fig_list}\n")
             if missing_figs:

@@ -35,7 +35,7 @@ from jem.datasets import load_split
 from jem.params import stage_section
 from jem.robustness import bpda_eot_accuracy, pgd_accuracy
 from jem.samplers import without_bn_updates
-from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_json
+from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_metrics
 from stages.figures import plot_robustness
 
 
@@ -79,6 +79,7 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"robustness@{variant.name}", params, tags) as run:
         run.log_params({"robustness": cfg})
+        run.log_dataset(args.data / role / "test.npz", "testing")
         metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n,
                                    "pgd_success": success}
         rows: list[tuple[str, str, float, float]] = []
@@ -125,7 +126,7 @@ def main() -> None:
                 r.append(e)
                 accs.append(a)
             plot_robustness(curves, tmp / "curve.png", title=f"{variant.name} ({role}, {n} test images)")
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
         run.log_metrics({f"{attack}/{e:g}".replace(" ", "_").replace("+", "_"): a for attack, _, e, a in rows})
         run.log_artifact(args.plots)
 

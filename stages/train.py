@@ -51,7 +51,7 @@ from jem.models import save_model
 from jem.params import resolve_variant, scale_name, variant_dataset
 from jem.settings import section
 from jem.train import DivergenceError, Trainer
-from stages.common import building, load_params, main_guard, mlflow_run, setup_run, write_json
+from stages.common import building, load_params, main_guard, mlflow_run, setup_run, write_metrics
 from stages.figures import plot_learning_curves
 
 STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train",
@@ -178,6 +178,9 @@ def main() -> None:
         run.log_params({"perf": dataclasses.asdict(perf), "nproc": info.world})
         run.set_tags({"perf": perf_line})
         run.set_tags({"resumed_from_step": trainer.step})
+        for split, context in (("train", "training"), ("val", "validation")):
+            if (args.data / role / f"{split}.npz").exists():
+                run.log_dataset(args.data / role / f"{split}.npz", context)
 
         def on_log(step: int, stats: dict[str, float]) -> None:
             row = {"step": step, "epoch": step / trainer.iters_per_epoch, **stats}
@@ -266,7 +269,8 @@ def main() -> None:
             "best_epoch": best["epoch"] if best["epoch"] >= 0 else None,
             "recovery_retries": len(events), "remedies": ",".join(trainer.remedies) or "none",
         }
-        write_json(args.metrics, metrics)
+        write_metrics(args.metrics, metrics)
+        run.log_model(args.out / "final.pt", x[:2].numpy())
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(args.plots)
         val_text = f"{metrics['val_acc']:.4f}" if metrics["val_acc"] is not None else "n/a"

@@ -19,6 +19,7 @@ import yaml
 import stages.fid as fid_stage
 from jem.datasets import save_split
 from jem.inception import FIDInception, GaussianStats, fid_inception_architecture, random_inception_state
+from stages.common import read_metrics
 
 from .conftest import ROOT
 
@@ -64,7 +65,7 @@ def test_reference_then_score_record_real_numbers(workspace: Path):
 
     fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
                                        metrics=Path("metrics/tiny/fid/sadajem_k5.json")))
-    metrics = json.loads((workspace / "metrics/tiny/fid/sadajem_k5.json").read_text())
+    metrics = read_metrics(workspace / "metrics/tiny/fid/sadajem_k5.json")  # numbers and notes joined
     assert metrics["status"] == "ok" and metrics["reference"] == "cifar10 (24 images)"
     assert metrics["protocol"] == "sadajem"  # sadajem_k5's family protocol
     for key, n in (("buffer", 10), ("fresh", 4)):
@@ -94,6 +95,7 @@ def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypa
     assert not (workspace / "fid_ref/tiny/cifar10/stats.npz").exists()
     fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
                                        metrics=Path("m.json")))
-    metrics = json.loads((workspace / "m.json").read_text())
+    metrics = read_metrics(workspace / "m.json")
     assert metrics["status"] == "unavailable" and "weights/x.pth" in metrics["reason"]
     assert set(metrics) == {"variant", "status", "reason"}  # no number at all
+    assert json.loads((workspace / "m.json").read_text()) == {}  # the metrics file: numbers only, so empty

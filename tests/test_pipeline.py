@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+
+from stages.common import read_metrics
 
 from .conftest import copy_repo, run_ok, stage_env
 
@@ -47,20 +56,20 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     lock = yaml.safe_load((path / "dvc.lock").read_text())
     assert set(lock["stages"]) == stages
     for v in variants:
-        metrics = json.loads((path / "metrics" / "tiny" / "eval" / f"{v}.json").read_text())
+        metrics = read_metrics(path / "metrics" / "tiny" / "eval" / f"{v}.json")
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1
         assert (path / "models" / "tiny" / v / "final.pt").exists()
         assert (path / "plots" / "tiny" / "train" / v / "curves.png").exists()
         assert set(metrics["ood"]) == {"log_px", "max_prob", "grad_norm"}
         assert all(0 <= a <= 1 for d in metrics["ood"].values() for a in d.values())
         assert set(metrics["ood"]["log_px"]) == {"svhn", "interp", "cifar100", "celeba"}
-        fid = json.loads((path / "metrics" / "tiny" / "fid" / f"{v}.json").read_text())
+        fid = read_metrics(path / "metrics" / "tiny" / "fid" / f"{v}.json")
         if v == "softmax":
             assert fid["status"] == "not applicable"
         else:  # no Inception weights offline: said so, with the reason, and no number
             assert fid["status"] == "unavailable" and "weights/pt_inception" in fid["reason"]
             assert "buffer" not in fid
-        rob = json.loads((path / "metrics" / "tiny" / "robustness" / f"{v}.json").read_text())
+        rob = read_metrics(path / "metrics" / "tiny" / "robustness" / f"{v}.json")
         assert 0 <= rob["pgd_linf"]["8/255"] <= 1 and 0 <= rob["pgd_l2"]["0.5"] <= 1
         assert rob["bpda"]["status"] == ("not applicable" if v == "softmax" else "ok")
     reports = path / "reports" / "tiny"
@@ -78,16 +87,24 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("jem-tiny")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    everything = client.search_runs([experiment.experiment_id], max_results=1000)
+    runs = [r for r in everything if "dvc_stage" in r.data.tags]
+    parents = {r.info.run_name: r for r in everything if "dvc_stage" not in r.data.tags}
     names = [r.info.run_name for r in runs]
-    assert sorted(names) == sorted(stages), "one MLflow run per stage"
+    assert sorted(names) == sorted(stages - {"check_params"}), "one MLflow run per stage (the params check logs none)"
+    assert set(parents) == {*variants, "datasets"}, "one parent run per variant, one for the data stages"
     for r in runs:
         assert r.info.status == "FINISHED"
         tags = r.data.tags
         assert tags["dvc_stage"] == r.info.run_name and tags["scale"] == "tiny"
         assert tags["stage"] == r.info.run_name.split("@")[0]
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"])
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
+        assert tags["mlflow.source.name"] == f"stages/{tags['stage']}.py" and tags["mlflow.source.type"] == "LOCAL"
         assert tags["dvc_exp"] == "workspace"
+        group = (tags["variant"] if tags["stage"] in per_variant else
+                 "datasets" if tags["stage"] in ("prepare", "gmm", "fid_ref") else None)
+        assert tags.get("mlflow.parentRunId") == (parents[group].info.run_id if group else None), r.info.run_name
         if tags["stage"] in per_variant:
             assert tags["variant"] == r.info.run_name.split("@")[1] and tags["dataset"] == "cifar10"
     train = next(r for r in runs if r.info.run_name == "train@sadajem_k5")
@@ -96,7 +113,7 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
 
     second = run_ok([*dvc, "repro"], path, env)
     assert not _ran(second), f"a second repro reran {_ran(second)}"
-    assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(runs)
+    assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(everything)
 
     edited = yaml.safe_load((path / "params.yaml").read_text())
     edited["methods"]["sadajem_k5"]["optim"] = {"rho": 0.3}
@@ -104,6 +121,129 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     status = json.loads(run_ok([*dvc, "status", "--json"], path, env).strip().splitlines()[-1])
     assert set(status) == {"train@sadajem_k5"}  # the rest of its chain follows from train's outputs:
     # the queued-experiment test below reruns it and checks that exactly that chain and the report ran
+
+
+@contextlib.contextmanager
+def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0) -> Iterator[str]:
+    """``mlflow server`` on the repository's store and artifacts, on a free loopback port, as a user
+    runs ``mlflow ui`` there; yields its URL. Killed (its whole process group) on the way out."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "mlartifacts")]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
+                assert time.time() < deadline, f"mlflow server not up after {timeout:.0f} s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def _rest(url: str, endpoint: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def _leaves(tree: object) -> Iterator[object]:
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
+
+
+@pytest.mark.slow
+def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_path):
+    """After `dvc repro`: through a real tracking server's REST API, the experiment opens in the
+    runs view, a train run has its dataset inputs and its model (loadable through the server's
+    artifact proxy), stage runs nest under their variant; `dvc metrics show` holds only numbers
+    and `dvc plots show` draws every defined plot without errors."""
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    if not (path / "dvc.lock").exists():
+        run_ok([*dvc, "repro"], path, env)
+
+    shown = json.loads(run_ok([*dvc, "metrics", "show", "--json"], path, env).strip().splitlines()[-1])
+    [workspace] = shown.values()  # one revision: the workspace
+    files = workspace["data"]
+    assert {f"metrics/tiny/{s}/{v}.json" for s in ("train", "eval", "fid", "robustness")
+            for v in ("softmax", "sadajem_k5")} == set(files)
+    values = list(_leaves({k: f["data"] for k, f in files.items()}))
+    assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), \
+        [v for v in values if not isinstance(v, (int, float))]
+    assert "error" not in json.dumps(shown)
+
+    proc = subprocess.run([*dvc, "plots", "show", "--json", "-o", str(tmp_path / "dvc_plots")], cwd=path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
+    plots = json.loads(proc.stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    defined = yaml.safe_load((path / "dvc.yaml").read_text())["plots"]
+    ids = [next(iter(p)) for p in defined if isinstance(p, dict) and "/" not in next(iter(p))]
+    for plot_id in ids:  # each overlays both variants
+        rendered = plots["data"][plot_id][0]["content"]["data"]["values"]
+        assert {row["field"] for row in rendered} == {"softmax", "sadajem_k5"}, plot_id
+    ood = [k for k in plots["data"] if k.startswith("reports/tiny/plots/ood/")]
+    assert len(ood) == 6 and all(plots["data"][k] for k in ood)  # 2 variants x 3 scores, none empty
+
+    with tracking_server(path, env) as url:
+        experiment = _rest(url, "experiments/get-by-name?experiment_name=jem-tiny")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"  # the runs ("Model training") view
+        assert experiment["artifact_location"] == "mlflow-artifacts:/jem-tiny"  # nothing absolute stored
+        runs = _rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+        by_name = {r["info"]["run_name"]: r for r in runs}
+        train = by_name["train@sadajem_k5"]
+        run_tags = {t["key"]: t["value"] for t in train["data"]["tags"]}
+        assert run_tags["mlflow.parentRunId"] == by_name["sadajem_k5"]["info"]["run_id"]
+        inputs = {d["dataset"]["name"]: d for d in train["inputs"]["dataset_inputs"]}
+        assert set(inputs) == {"cifar10/train", "cifar10/val"}
+        train_set = inputs["cifar10/train"]
+        assert {t["key"]: t["value"] for t in train_set["tags"]}["mlflow.data.context"] == "training"
+        assert json.loads(train_set["dataset"]["source"])["uri"] == "data/tiny/cifar10/train.npz"
+        assert json.loads(train_set["dataset"]["profile"])["features_shape"] == [256, 3, 32, 32]
+        assert train_set["dataset"]["digest"]
+        evaluate = by_name["evaluate@sadajem_k5"]
+        assert [d["dataset"]["name"] for d in evaluate["inputs"]["dataset_inputs"]] == ["cifar10/test"]
+
+        models = _rest(url, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+        trained = [m for m in models if m["info"]["source_run_id"] == train["info"]["run_id"]]
+        assert len(trained) == 1 and trained[0]["info"]["status"] == "LOGGED_MODEL_READY"
+        assert [o["model_id"] for o in train["outputs"]["model_outputs"]] == [trained[0]["info"]["model_id"]]
+
+        import mlflow
+        import numpy as np
+        import torch
+
+        from jem.datasets import load_split
+        from jem.metrics import predict_logits
+        from jem.models import load_model
+
+        mlflow.set_tracking_uri(url)
+        served = mlflow.pytorch.load_model(f"models:/{trained[0]['info']['model_id']}")  # via the artifact proxy
+        images, _ = load_split(path / "data" / "tiny" / "cifar10" / "test.npz")
+        ours, _ = load_model(path / "models" / "tiny" / "sadajem_k5" / "final.pt")
+        x = torch.from_numpy(images[:5]).float() / 127.5 - 1
+        with torch.no_grad():
+            np.testing.assert_allclose(served(x).numpy(), predict_logits(ours, torch.from_numpy(images[:5])).numpy(),
+                                       rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -134,11 +274,16 @@ def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
     runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id], max_results=1000)
     rerun = {f"{s}@sadajem_k5" for s in ("train", "sample", "evaluate", "fid", "robustness")} | {"report"}
     for name, rho in experiments.items():
-        mine = [r for r in runs if r.data.tags.get("dvc_exp") == name]
+        mine = [r for r in runs if r.data.tags.get("dvc_exp") == name and "dvc_stage" in r.data.tags]
         assert sorted(r.info.run_name for r in mine) == sorted(rerun), name
         assert all(r.info.status == "FINISHED" for r in mine)
         train = next(r for r in mine if r.info.run_name == "train@sadajem_k5")
         assert train.data.params["optim.rho"] == rho
+        parent = [r for r in runs if r.data.tags.get("jem_group") == "sadajem_k5"
+                  and r.data.tags.get("dvc_exp") == name]
+        assert len(parent) == 1, f"{name}: one parent run for the variant, not {len(parent)}"
+        nested = [r for r in mine if r.info.run_name != "report"]
+        assert all(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in nested)
 
 
 @pytest.mark.slow

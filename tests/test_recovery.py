@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 
@@ -14,6 +13,7 @@ import yaml
 import jem.train
 from jem.checkpoint import CheckpointDir
 from jem.train import Trainer
+from stages.common import read_metrics
 
 from .conftest import ROOT, tiny_variant, write_prepared_shapes
 
@@ -105,7 +105,7 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
     out = capsys.readouterr().out
     assert seen == [7]
     assert "diverged at step 7: non-finite loss; retry 1/2: lower_lr, resuming from step 6" in out
-    metrics = json.loads((stage_dir / "metrics" / "v.json").read_text())
+    metrics = read_metrics(stage_dir / "metrics" / "v.json")  # numbers and notes (remedies) joined
     assert metrics["steps"] == 12 and metrics["recovery_retries"] == 1 and metrics["remedies"] == "lower_lr"
     final = torch.load(stage_dir / "models" / "v" / "final.pt", weights_only=False)
     assert final["remedies"] == ["lower_lr"]
@@ -114,7 +114,8 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
+                             filter_string="tags.dvc_stage = 'train@jem_k20'")[0]
     assert run.data.tags["recovery.1"] == "step 7: non-finite loss; lower_lr; resumed from step 6"
     assert run.data.metrics["recovery/retries"] == 1 and run.info.status == "FINISHED"
 

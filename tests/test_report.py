@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -11,14 +10,16 @@ import pandas as pd
 import pytest
 import yaml
 
+from stages.common import write_metrics
+
 from .conftest import ROOT, run_ok, stage_env
 
 RAN = ("softmax", "sadajem_k5")
 
 
 def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
+    """As the stages write metrics: numbers in ``path``, the rest in its ``.notes.json``."""
+    write_metrics(path, data)
 
 
 @pytest.fixture
@@ -88,10 +89,13 @@ def test_report_rows_values_and_differences(workspace: Path):
     assert float(row["cifar10_interp ours"]) == 0.55 and float(row["svhn ours"]) == pytest.approx(0.61)
     t4 = pd.read_csv(out / "jempp_table4.csv").set_index("variant")
     assert t4.loc["jempp_m10", "minutes_per_epoch ours"] == "not run"
+    # demo minutes of a WRN-10-1 beside the paper's WRN-28-10 GPU minutes: both shown, no difference
+    assert "minutes_per_epoch paper" in t4.columns and "minutes_per_epoch diff" not in t4.columns
     rob = pd.read_csv(out / "robustness.csv").set_index("variant")
     assert rob.loc["sadajem_k5", "BPDA+EOT linf 8/255"] == 20.0 and rob.loc["softmax", "PGD Linf 8/255"] == 10.0
     text = (out / "README.md").read_text()
     assert "metrics/demo/eval/<variant>.json" in text and "SADA-JEM Table 6" in text
+    assert "No *diff* column: run time is not compared at the demo scale" in text
     assert "Missing inputs" in text  # no plots or samples were given: said so, not hidden
 
 

@@ -17,6 +17,7 @@ from .test_settings import MALFORMED, edit, setitem
 
 V = "sadajem_k5"
 STAGES = {
+    "check_params": ["stages.check_params", "--out", "data/params.checked"],
     "prepare": ["stages.prepare", "--role", "cifar10", "--out", "data/demo/cifar10"],
     "gmm": ["stages.gmm", "--data", "data/demo/cifar10", "--out", "gmm/demo/cifar10"],
     "train": ["stages.train", "--variant", V, "--data", "data/demo", "--gmm", "gmm/demo", "--out", f"models/demo/{V}",
