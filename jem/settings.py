@@ -22,6 +22,7 @@ SOURCES_PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
 SOURCES_REAL = ("cifar10", "cifar100", "svhn", "celeba")
 SAMPLE_SETS = ("buffer", "fresh", "conditional")
 SPLITS = ("train", "val", "test")
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "databricks")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RunSettings:
     nnodes: int = 1  # machines of one training run (torchrun --nnodes, c10d rendezvous)
     rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (any one of the machines), when nnodes > 1
     rdzv_id: str = ""  # rendezvous id shared by the machines of one run; empty: jem-<variant>
+    # MLflow tracking store: empty = <repo>/mlflow.db; e.g. http://mlflow.lab:5000 (MLFLOW_TRACKING_URI wins)
+    tracking_uri: str = ""
     # auto (the fastest verified configuration for the device) | safe | a mapping of PerfConfig switches
     perf: Any = "auto"
 
@@ -54,6 +57,9 @@ class RunSettings:
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         _check(ok, where, "device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
         _check(self.threads >= 0, where, "threads", self.threads, "an integer >= 0 (0 = torch's default)")
+        _check(self.tracking_uri == "" or self.tracking_uri.split(":", 1)[0] in TRACKING_SCHEMES, where,
+               "tracking_uri", self.tracking_uri,
+               "empty (the repository's mlflow.db) or a URI of " + ", ".join(f"{s}:" for s in TRACKING_SCHEMES))
 
 
 @dataclass

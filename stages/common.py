@@ -46,6 +46,7 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     from jem.settings import validate_params
 
     validate_params(params)  # the whole file, before any stage touches its outputs
+    check_tracking(params)  # a tracking server that does not answer stops the stage here, too
     return params
 
 
@@ -172,9 +173,41 @@ def tracking_root() -> Path:
     return root
 
 
-def tracking_uri(root: Path) -> str:
-    """Where the stages log: the repository's ``mlflow.db`` (the one place to change it)."""
-    return f"sqlite:///{root / 'mlflow.db'}"
+def tracking_uri(root: Path, params: dict[str, Any] | None = None) -> tuple[str, str]:
+    """Where the stages log, and what said so: ``MLFLOW_TRACKING_URI`` from the environment, else
+    ``run.tracking_uri`` from the params (e.g. a lab's ``http://mlflow.lab:5000``), else the
+    repository's ``mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env, "MLFLOW_TRACKING_URI"
+    configured = str(((params or {}).get("run") or {}).get("tracking_uri") or "").strip()
+    if configured:
+        return configured, "run.tracking_uri"
+    return f"sqlite:///{root / 'mlflow.db'}", "default"
+
+
+def check_tracking(params: dict[str, Any]) -> None:
+    """Stop with one line when the tracking store is a server that does not answer (before any work)."""
+    import urllib.error
+    import urllib.request
+
+    uri, source = tracking_uri(tracking_root(), params)
+    scheme = uri.split(":", 1)[0]
+    if scheme not in ("http", "https"):
+        from jem.settings import TRACKING_SCHEMES
+
+        if scheme not in TRACKING_SCHEMES:
+            raise StageError(f"{source} = {uri!r}: not a tracking URI; expected http(s)://host:port of an "
+                             "MLflow server, sqlite:///path, file:///path or a database URI")
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StageError(f"{source} = {uri}: the MLflow tracking server does not answer ({reason}); start it "
+                         "(mlflow server --host 0.0.0.0 --port 5000 ...) or unset it to log to mlflow.db") from None
 
 
 def artifact_location(experiment: str) -> str:
@@ -361,7 +394,7 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every first run
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root = tracking_root()
-    uri = tracking_uri(root)
+    uri, _ = tracking_uri(root, params)
     if uri.startswith("sqlite:"):
         _serve_proxied_artifacts_locally(root)
     mlflow.set_tracking_uri(uri)
@@ -373,9 +406,16 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     with FileLock(str(root / ".mlflow.lock")):
         client = MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(name)
-        experiment_id = (experiment.experiment_id if experiment is not None else
-                         client.create_experiment(name, artifact_location=artifact_location(name),
-                                                  tags=EXPERIMENT_TAGS))
+        if experiment is None:
+            try:
+                experiment_id = client.create_experiment(name, artifact_location=artifact_location(name),
+                                                         tags=EXPERIMENT_TAGS)
+            except Exception:  # another machine created it first on a shared server
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
         if experiment is not None and any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
             for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed
                 client.set_experiment_tag(experiment_id, key, value)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +15,7 @@ import yaml
 
 from stages.common import read_metrics
 
-from .conftest import copy_repo, run_ok, stage_env
+from .conftest import copy_repo, rest_api, run_ok, stage_env, tracking_server
 
 
 def _ran(output: str) -> set[str]:
@@ -123,44 +118,6 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     # the queued-experiment test below reruns it and checks that exactly that chain and the report ran
 
 
-@contextlib.contextmanager
-def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0) -> Iterator[str]:
-    """``mlflow server`` on the repository's store and artifacts, on a free loopback port, as a user
-    runs ``mlflow ui`` there; yields its URL. Killed (its whole process group) on the way out."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "mlartifacts")]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
-                assert time.time() < deadline, f"mlflow server not up after {timeout:.0f} s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-
-def _rest(url: str, endpoint: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
 def _leaves(tree: object) -> Iterator[object]:
     if isinstance(tree, dict):
         for value in tree.values():
@@ -204,11 +161,12 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
     assert len(ood) == 6 and all(plots["data"][k] for k in ood)  # 2 variants x 3 scores, none empty
 
     with tracking_server(path, env) as url:
-        experiment = _rest(url, "experiments/get-by-name?experiment_name=jem-tiny")["experiment"]
+        experiment = rest_api(url, "experiments/get-by-name?experiment_name=jem-tiny")["experiment"]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags["mlflow.experimentKind"] == "custom_model_development"  # the runs ("Model training") view
         assert experiment["artifact_location"] == "mlflow-artifacts:/jem-tiny"  # nothing absolute stored
-        runs = _rest(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+        runs = rest_api(url, "runs/search",
+                        {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
         by_name = {r["info"]["run_name"]: r for r in runs}
         train = by_name["train@sadajem_k5"]
         run_tags = {t["key"]: t["value"] for t in train["data"]["tags"]}
@@ -223,7 +181,7 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         evaluate = by_name["evaluate@sadajem_k5"]
         assert [d["dataset"]["name"] for d in evaluate["inputs"]["dataset_inputs"]] == ["cifar10/test"]
 
-        models = _rest(url, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+        models = rest_api(url, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
         trained = [m for m in models if m["info"]["source_run_id"] == train["info"]["run_id"]]
         assert len(trained) == 1 and trained[0]["info"]["status"] == "LOGGED_MODEL_READY"
         assert [o["model_id"] for o in train["outputs"]["model_outputs"]] == [trained[0]["info"]["model_id"]]
