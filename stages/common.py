@@ -397,7 +397,8 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     uri, _ = tracking_uri(root, params)
     if uri.startswith("sqlite:"):
         _serve_proxied_artifacts_locally(root)
-    mlflow.set_tracking_uri(uri)
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI: put it back afterwards
     scale = str(params.get("scale", "demo"))
     name = f"jem-{scale}"
     kind = stage.split("@")[0]
@@ -434,11 +435,20 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
             handle.set_tags({"error": f"{type(exc).__name__}: {exc}"[:500]})
         with contextlib.suppress(Exception):
             mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _restore_env("MLFLOW_TRACKING_URI", env_before)
         raise
     mlflow.end_run(status="FINISHED")
     if parent is not None:
         with contextlib.suppress(Exception):  # the parent's end time follows its last child
             client.set_terminated(parent, status="FINISHED")
+    _restore_env("MLFLOW_TRACKING_URI", env_before)
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 # ---- shared by the stages that read a trained variant ------------------------------------------

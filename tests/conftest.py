@@ -21,6 +21,18 @@ from jem.config import Variant, deep_merge
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_untouched() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; a test that points it at its own
+    server must not send the next test's stages there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def tiny_variant(**overrides: object) -> Variant:
     """A WRN-10-1 on 8x8 images: small enough for many CPU steps per test."""
     base = {
@@ -69,6 +81,7 @@ def stage_env() -> dict[str, str]:
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("DVC_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # each test says where its stages log
     return env
 
 
