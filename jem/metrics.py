@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from jem.data import to_unit_range
+from jem.models import bn_layers
 
 
 def with_input_noise(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
@@ -56,7 +57,7 @@ def with_reestimated_bn(model: nn.Module, images: torch.Tensor, batch_size: int 
     running statistics describe the data it classifies (they do when the labelled forward is
     the last train-mode forward of each iteration, as in the reference scripts). A model
     without batch norm is returned as it is."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not bn_layers(model):
         return model
     import copy
 

@@ -83,6 +83,11 @@ class WideResNet(nn.Module):
         return self.logits_from_stem(self.stem(x))
 
 
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch-norm layers of ``model`` (the training step, sampler and metrics touch their statistics)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def energy_from_logits(logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """E(x) = -logsumexp_y f(x)[y]; with labels, the class-conditional E(x, y) = -f(x)[y].
 

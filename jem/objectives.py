@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jem.config import ObjectiveConfig
-from jem.models import energy_from_logits
+from jem.models import bn_layers, energy_from_logits
 
 
 @dataclass
@@ -51,10 +51,6 @@ def forward_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | 
         passes.neg = model(x_neg.detach())
     passes.labelled = model(x_lab)
     return passes
-
-
-def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def bn_snapshot(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from jem.config import SamplerConfig
 from jem.distributed import SINGLE, DistInfo
-from jem.models import WideResNet
+from jem.models import WideResNet, bn_layers
 
 
 @contextlib.contextmanager
@@ -44,11 +44,10 @@ def frozen_bn_stats(model: nn.Module, count_batches: bool = False) -> Iterator[N
     reference's ``disable_running_stats`` (momentum 0) leaves it for SAM's second pass; the
     count only matters for a cumulative average (momentum None), which no family uses."""
     saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            tracked = m.num_batches_tracked
-            saved.append((m, m.momentum, None if tracked is None or count_batches else tracked.clone()))
-            m.momentum = 0.0
+    for m in bn_layers(model):
+        tracked = m.num_batches_tracked
+        saved.append((m, m.momentum, None if tracked is None or count_batches else tracked.clone()))
+        m.momentum = 0.0
     try:
         yield
     finally:
