@@ -105,7 +105,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adam
     lr: float = 0.1
     # Multiplies lr. For a scale that changes the batch size of every method at once (the
-    # demo's batch 32 against the papers' 64-128), by the linear scaling rule.
+    # demo's batch sizes against the papers'), by the linear scaling rule.
     lr_scale: float = 1.0
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
@@ -114,7 +114,8 @@ class OptimConfig:
     sam: str = "none"  # none | sam | asam
     rho: float = 0.05
     schedule: str = "step"  # step | cosine | constant
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])  # epochs, step
+    # epochs of the step decays; fractions allowed (the demo decays within its 2 epochs)
+    milestones: list[float] = field(default_factory=lambda: [60, 120, 180])
     gamma: float = 0.2  # step decay factor
     warmup_iters: int = 1000  # linear warm-up over the first iterations (0 = none)
 
@@ -132,7 +133,7 @@ class OptimConfig:
         _check(self.schedule in ("step", "cosine", "constant"), where, "schedule", self.schedule,
                "'step', 'cosine' or 'constant'")
         _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
-               where, "milestones", self.milestones, "increasing positive epoch numbers")
+               where, "milestones", self.milestones, "increasing positive epochs (fractions allowed)")
         _check(0 < self.gamma <= 1, where, "gamma", self.gamma, "a factor in (0, 1]")
         _check(self.warmup_iters >= 0, where, "warmup_iters", self.warmup_iters, "an integer >= 0")
 

@@ -7,11 +7,14 @@ bins over [0, 1] (M = 20 in JEM++ and SADA-JEM) and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from jem.config import AugmentConfig
+from jem.data import augment as augment_batch
 from jem.data import to_unit_range
 from jem.models import bn_layers
 
@@ -48,15 +51,19 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 500
 
 
 def with_reestimated_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
-                        device: torch.device | str = "cpu") -> nn.Module:
+                        device: torch.device | str = "cpu", augment: AugmentConfig | None = None,
+                        input_noise: float = 0.0, seed: int = 0) -> nn.Module:
     """A copy of ``model`` whose batch-norm running statistics are re-estimated on ``images``
-    (uint8 or [-1, 1] floats, e.g. the un-augmented training split): the running mean and
-    variance become the averages over all batches (``torch.optim.swa_utils.update_bn``).
+    (uint8 or [-1, 1] floats): one pass in batches, the running mean and variance become the
+    averages over all batches (``torch.optim.swa_utils.update_bn``).
 
-    Eval-mode accuracy with these statistics against the model's own shows whether its
-    running statistics describe the data it classifies (they do when the labelled forward is
-    the last train-mode forward of each iteration, as in the reference scripts). A model
-    without batch norm is returned as it is."""
+    ``augment`` and ``input_noise`` prepare each batch as training prepared its labelled
+    batches (random crop and flip from a ``seed``-ed generator, then Gaussian noise), so the
+    statistics describe the inputs the running statistics were tracking during training,
+    averaged over the whole split instead of the last batch. Eval-mode accuracy with these
+    statistics against the model's own then shows whether the latter describe labelled data
+    (they do when the labelled forward is the last train-mode forward of each iteration, as
+    in the reference scripts). A model without batch norm is returned as it is."""
     if not bn_layers(model):
         return model
     import copy
@@ -64,8 +71,18 @@ def with_reestimated_bn(model: nn.Module, images: torch.Tensor, batch_size: int 
     from torch.optim.swa_utils import update_bn
 
     copied = copy.deepcopy(model).to(device)
-    batches = (to_unit_range(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size))
-    update_bn(batches, copied)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(images), batch_size):
+            x = to_unit_range(images[i:i + batch_size].to(device))
+            if augment is not None:
+                x = augment_batch(x, augment, generator)
+            if input_noise > 0:
+                x = x + input_noise * torch.randn(x.shape, generator=generator, device=x.device)
+            yield x
+
+    update_bn(batches(), copied)
     return copied.eval()
 
 

@@ -61,7 +61,10 @@ class DivergenceError(RuntimeError):
 
 
 class LRFactor:
-    """Multiplier of the base learning rate at iteration ``it`` (picklable for checkpoints)."""
+    """Multiplier of the base learning rate at iteration ``it`` (picklable for checkpoints).
+
+    A step milestone m (epochs, possibly fractional) takes effect from iteration
+    round(m * iters_per_epoch): the first iteration of epoch m for a whole number."""
 
     def __init__(self, cfg: OptimConfig, iters_per_epoch: int, total_iters: int) -> None:
         self.schedule = cfg.schedule
@@ -70,14 +73,14 @@ class LRFactor:
         self.warmup = cfg.warmup_iters
         self.per_epoch = iters_per_epoch
         self.total = max(total_iters, 1)
+        self.milestone_iters = [round(m * iters_per_epoch) for m in self.milestones]
 
     def __call__(self, it: int) -> float:
         # the reference scripts set lr * cur_iter / warmup_iters while cur_iter <= warmup_iters,
         # so iteration 0 runs at lr 0
         factor = min(1.0, it / self.warmup) if self.warmup > 0 else 1.0
         if self.schedule == "step":
-            epoch = it // self.per_epoch
-            factor *= self.gamma ** sum(epoch >= m for m in self.milestones)
+            factor *= self.gamma ** sum(it >= m for m in self.milestone_iters)
         elif self.schedule == "cosine":
             factor *= 0.5 * (1.0 + math.cos(math.pi * min(it, self.total) / self.total))
         return factor

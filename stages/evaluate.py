@@ -5,8 +5,10 @@
 
 * accuracy (test set, eval mode; Gaussian input noise of std ``evaluate.input_noise`` for the
   variant's family, 0 unless set: JEM's and JEM++'s scripts use 0.03, also on OOD inputs), and
-  the same with the batch-norm running statistics re-estimated on the un-augmented training
-  split (``accuracy_bn_reestimated``);
+  the same with the batch-norm running statistics re-estimated over the training split,
+  prepared as training prepared its labelled batches (augmentation, input noise)
+  (``accuracy_bn_reestimated``): the two agree when the running statistics describe labelled
+  data;
 * expected calibration error over ``evaluate.ece_bins`` equal bins, reliability diagram;
 * OOD detection: AUROC of ``log p(x)``, ``max p(y|x)`` and ``-||d log p(x)/dx||`` between the
   test set and every set in ``evaluate.ood_sets`` (dataset roles; ``interp`` is the
@@ -91,10 +93,12 @@ def main() -> None:
         x_eval = with_input_noise(x_test, noise, seed)
         logits = predict_logits(model, x_eval, batch_size=batch, device=device)
         cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
-        # the same weights with batch-norm statistics re-estimated on the (un-augmented) training
-        # split: agrees with "accuracy" when the running statistics describe labelled data
+        # the same weights with batch-norm statistics averaged over the training split, each
+        # batch augmented and noised as the labelled batches of training: agrees with
+        # "accuracy" when the running statistics describe labelled data
         x_train, _ = load_split(args.data / role / "train.npz")
-        recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device)
+        recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device, augment=variant.augment,
+                                           input_noise=variant.objective.input_noise, seed=seed)
         acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
         del recalibrated
         metrics: dict = {

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from jem.config import ModelConfig
+from jem.config import AugmentConfig, ModelConfig
+from jem.data import augment
 from jem.inception import GaussianStats, feature_stats, frechet_distance, inception_score
 from jem.landscape import energy_curve, energy_sum, filter_normalized_direction
 from jem.metrics import calibration, with_reestimated_bn
@@ -48,6 +49,27 @@ def test_bn_reestimation_sets_running_statistics_to_the_data_averages():
     torch.testing.assert_close(copied.blocks[0].bn1.running_var, batch_vars.mean(0), rtol=1e-5, atol=1e-6)
     plain = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, norm="none"))
     assert with_reestimated_bn(plain, images) is plain  # nothing to re-estimate
+
+
+def test_bn_reestimation_prepares_batches_as_training_did():
+    """With the variant's augmentation and input noise, every batch is cropped, flipped and
+    noised as training prepared its labelled batches (a seeded generator, in order), and the
+    running mean is the average of those batches' means."""
+    torch.manual_seed(0)
+    model = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, bn_momentum=0.9))
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    cfg = AugmentConfig(crop_padding=2, pad_mode="reflect", hflip=True)
+    copied = with_reestimated_bn(model, images, batch_size=10, augment=cfg, input_noise=0.1, seed=3)
+    g = torch.Generator().manual_seed(3)
+    means = []
+    for i in range(0, 40, 10):
+        x = augment(images[i:i + 10].float() / 127.5 - 1.0, cfg, g)
+        x = x + 0.1 * torch.randn(x.shape, generator=g)
+        with torch.no_grad():
+            means.append(model.stem(x).mean((0, 2, 3)))
+    torch.testing.assert_close(copied.blocks[0].bn1.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    clean = with_reestimated_bn(model, images, batch_size=10)
+    assert not torch.allclose(clean.blocks[0].bn1.running_mean, copied.blocks[0].bn1.running_mean)
 
 
 def test_ece_of_hand_built_bins():

@@ -87,6 +87,9 @@ def test_lr_schedule_warmup_step_and_cosine():
     assert cos(0) == 1.0 and cos(30) == pytest.approx(0.5) and cos(60) == pytest.approx(0.0, abs=1e-12)
     const = LRFactor(OptimConfig(schedule="constant", warmup_iters=0), 10, 60)
     assert const(59) == 1.0
+    # a fractional milestone (the demo decays inside its short run) at round(m * iters_per_epoch)
+    frac = LRFactor(OptimConfig(schedule="step", milestones=[1.6, 1.8], gamma=0.5, warmup_iters=0), 10, 20)
+    assert [frac(i) for i in (15, 16, 17, 18, 19)] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.25])
 
 
 def test_trainer_drives_the_base_optimizer_lr(tiny_data):
