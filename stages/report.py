@@ -331,9 +331,10 @@ def main() -> None:
             summary.to_csv(tmp / "summary.csv", index=False)
             (tmp / "summary.tex").write_text(summary.to_latex(index=False, float_format="%.2f", caption="All variants"))
             bn_note = ("*test acc %, BN re-estimated*: the same weights with the batch-norm running statistics "
-                       "averaged over the training split, each batch augmented and noised as training's labelled "
-                       "batches; it matches *test acc %* when the running statistics describe labelled data (the labelled forward runs last in each iteration, as "
-                       "in the reference scripts).")
+                       "averaged over the training split, each batch augmented and noised as training's "
+                       "labelled batches; it matches *test acc %* when the running statistics describe "
+                       "labelled data (the labelled forward runs last in each iteration, as in the reference "
+                       "scripts).")
             parts = [f"# Results ({scale} scale)\n\n{header}\n\n## All variants that ran\n\n"
                      f"{summary.to_markdown(index=False, floatfmt='.2f')}\n\n{bn_note}\n\n## The papers' tables\n"]
             for name, spec in published.items():

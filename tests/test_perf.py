@@ -95,6 +95,37 @@ def test_compiled_trunk_matches_eager(tiny_data):
     _assert_close(base, fast, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [SADAJEM, JEMPP, {**SADAJEM, "sampler": {**SADAJEM["sampler"], "bn_mode": "eval"}}],
+                         ids=["sadajem-sam", "jempp-pyld", "bn-eval-sampler"])
+def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, tiny_data, monkeypatch):
+    """dynamo and AOTAutograd (the aot_eager backend: the same graph capture and
+    functionalisation as inductor, without code generation, so seconds on a CPU) through real
+    training steps: several train-mode forwards, each updating running statistics in place,
+    before one backward; SAM's frozen-statistics pass; the sampler in train or eval mode. Every
+    frame compiles (nothing falls back to eager), the graphs stop growing after the first
+    steps and stay under dynamo's recompile limit, and the numbers are eager's."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: compile_module(self, **{**kw, "backend": "aot_eager"}))
+    dynamo.reset()
+    counters.clear()
+    base = _run(family, PerfConfig(), tiny_data, steps=6)
+    fast = _run(family, PerfConfig(compile=True), tiny_data, steps=3)
+    if not fast.compiled.startswith("compiled"):
+        pytest.skip(fast.compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    fast.fit(until=6, progress=False)
+    assert counters["stats"]["unique_graphs"] == graphs, "steady-state steps recompiled"
+    limit = getattr(dynamo.config, "recompile_limit", None) or dynamo.config.cache_size_limit
+    assert 0 < graphs < limit
+    assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
+    _assert_close(base, fast, rtol=1e-4, atol=1e-5)
+    dynamo.reset()
+
+
 def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu():
     from jem.config import ConfigError, resolve_perf
     from jem.settings import RunSettings
