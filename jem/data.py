@@ -58,6 +58,18 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
     return x
 
 
+def prepare(images: torch.Tensor, cfg: AugmentConfig | None, noise: float,
+            generator: torch.Generator) -> torch.Tensor:
+    """Training inputs from stored images: [-1, 1], then augmentation (``cfg``, None: none),
+    then Gaussian noise of std ``noise``, all drawn from ``generator`` in that order."""
+    x = to_unit_range(images)
+    if cfg is not None:
+        x = augment(x, cfg, generator)
+    if noise > 0:
+        x = x + noise * torch.randn(x.shape, generator=generator, device=x.device)
+    return x
+
+
 class BatchStream:
     """Endless shuffled batches over one split; ``batch(it)`` is deterministic in ``it``.
 
@@ -100,11 +112,7 @@ class BatchStream:
 
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.indices(it)
-        x = to_unit_range(self.images[idx])
         g = _generator(self.device, self.seed, self.stream, it, 1)
-        if self.augment_cfg is not None:
-            x = augment(x, self.augment_cfg, g)
-        if self.noise > 0:
-            x = x + self.noise * torch.randn(x.shape, generator=g, device=x.device)
+        x = prepare(self.images[idx], self.augment_cfg, self.noise, g)
         mine = self.shard.rows(self.batch_size // self.shard.world)
         return x[mine], self.labels[idx][mine]

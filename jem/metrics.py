@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from jem.config import AugmentConfig
-from jem.data import augment as augment_batch
-from jem.data import to_unit_range
+from jem.data import prepare, to_unit_range
 from jem.models import bn_layers
 
 
@@ -75,12 +74,7 @@ def with_reestimated_bn(model: nn.Module, images: torch.Tensor, batch_size: int 
 
     def batches() -> Iterator[torch.Tensor]:
         for i in range(0, len(images), batch_size):
-            x = to_unit_range(images[i:i + batch_size].to(device))
-            if augment is not None:
-                x = augment_batch(x, augment, generator)
-            if input_noise > 0:
-                x = x + input_noise * torch.randn(x.shape, generator=generator, device=x.device)
-            yield x
+            yield prepare(images[i:i + batch_size].to(device), augment, input_noise, generator)
 
     update_bn(batches(), copied)
     return copied.eval()
