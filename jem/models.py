@@ -8,6 +8,7 @@ because PYLD needs the output of the first layer.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,48 @@ class WideBlock(nn.Module):
         return out + self.shortcut(x)
 
 
+class Trunk(nn.Sequential):
+    """The residual blocks (a ``Sequential``: the same parameter names, the same eager forward).
+
+    ``compiled`` (set by ``jem.train.compile_trunk``) is a torch.compile'd
+    ``trunk_with_stats``: the blocks then run as a function of the input *and of their
+    batch-norm running statistics*, passed in as copies and returned updated, then copied back
+    into the buffers. No compiled graph writes into a tensor that autograd may have saved, so
+    any number of train-mode forwards (compiled, or eager where dynamo falls back) may precede
+    one backward. Written the usual way, the compiled graph updates the buffers in place after
+    it runs, and an eager forward of the same layers earlier in the step (which saves the
+    running statistics for its backward) then fails at ``backward()`` with "modified by an
+    inplace operation": the CUDA crash of compiled training, which ``tests/test_perf.py``
+    reproduces on a CPU by forcing dynamo's fallback.
+    """
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__(*blocks)
+        self.compiled: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+
+    def forward(self, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        if plain or self.compiled is None:
+            return super().forward(x)
+        if not any(m.training and m.track_running_stats for m in bn_layers(self)):
+            return self.compiled(self, x, {})[0]  # nothing updates: the graph only reads the buffers
+        names = [name for name, _ in self.named_buffers()]
+        current = [buf for _, buf in self.named_buffers()]
+        # copies in (one multi-tensor kernel): no tensor a backend saves for backward is written again
+        out, updated = self.compiled(self, x, dict(zip(names, torch._foreach_add(current, 0), strict=True)))
+        with torch.no_grad():
+            torch._foreach_copy_(current, [updated[name] for name in names])
+        return out
+
+
+def trunk_with_stats(trunk: Trunk, x: torch.Tensor,
+                     stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``trunk(x)`` with its buffers replaced by ``stats``, which it leaves untouched: the
+    running-statistics updates go to fresh tensors, returned with the output."""
+    fresh = {name: t.clone() for name, t in stats.items()}
+    out = torch.func.functional_call(trunk, fresh, (x,), {"plain": True}, strict=False)
+    return out, fresh
+
+
 class WideResNet(nn.Module):
     """WRN-depth-width with a linear classification head over the pooled features."""
 
@@ -62,7 +105,7 @@ class WideResNet(nn.Module):
             for i in range(n):
                 blocks.append(WideBlock(in_planes, widths[group + 1], stride if i == 0 else 1, cfg))
                 in_planes = widths[group + 1]
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = Trunk(*blocks)
         self.bn = _norm(in_planes, cfg)
         self.act = nn.LeakyReLU(cfg.leak)
         self.feature_dim = in_planes

@@ -40,7 +40,7 @@ from jem.data import BatchStream
 from jem.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_over_ranks
 from jem.errors import InputError
 from jem.gmm import GaussianMixture, MixtureStats, UniformInit
-from jem.models import WideResNet, build_model
+from jem.models import WideResNet, build_model, trunk_with_stats
 from jem.objectives import bn_snapshot, forward_passes, grouped_passes, loss_from_passes
 from jem.sam import SAM
 from jem.samplers import frozen_bn_stats, sample
@@ -117,11 +117,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the trunk (tests use "aot_eager": no codegen)
+RECOMPILE_LIMIT = 64  # graphs per process: one per (batch size, batch-norm mode, grad mode) in use
+
+
 def compile_trunk(model: WideResNet, device: torch.device) -> str:
     """torch.compile the residual trunk (every forward path goes through it) in place.
 
-    Returns what happened, for the log: compiled, or why not (then the model stays eager).
-    Compilation errors at run time fall back to eager too (dynamo's ``suppress_errors``).
+    The compiled unit takes and returns the batch-norm running statistics explicitly
+    (``jem.models.Trunk``), so several train-mode forwards before one backward, SAM's
+    frozen-statistics pass and any eager fallback of dynamo mix safely. Returns what happened,
+    for the log: compiled, or why not (then the model stays eager). Compilation errors at run
+    time fall back to eager too (dynamo's ``suppress_errors``).
     """
     import shutil
 
@@ -137,8 +144,12 @@ def compile_trunk(model: WideResNet, device: torch.device) -> str:
     import torch._dynamo as dynamo
 
     dynamo.config.suppress_errors = True
-    model.blocks.compile(dynamic=False)  # one static graph per batch size (two or three in all)
-    return "compiled (torch.compile, inductor)"
+    # one static graph per batch size and mode: labelled, x+, sampler (weights frozen), SAM's
+    # frozen-statistics pass, eval-mode sampling; several variants in one process (jem-bench)
+    key = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo.config, key, max(getattr(dynamo.config, key), RECOMPILE_LIMIT))
+    model.blocks.compiled = torch.compile(trunk_with_stats, dynamic=False, backend=COMPILE_BACKEND)
+    return f"compiled (torch.compile, {COMPILE_BACKEND}, batch-norm statistics as values)"
 
 
 def build_p0(variant: Variant, shape: tuple[int, ...], mixture: MixtureStats | None,

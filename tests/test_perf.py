@@ -100,16 +100,16 @@ def test_compiled_trunk_matches_eager(tiny_data):
 def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, tiny_data, monkeypatch):
     """dynamo and AOTAutograd (the aot_eager backend: the same graph capture and
     functionalisation as inductor, without code generation, so seconds on a CPU) through real
-    training steps: several train-mode forwards, each updating running statistics in place,
-    before one backward; SAM's frozen-statistics pass; the sampler in train or eval mode. Every
-    frame compiles (nothing falls back to eager), the graphs stop growing after the first
-    steps and stay under dynamo's recompile limit, and the numbers are eager's."""
+    training steps: several train-mode forwards, each updating running statistics, before one
+    backward; SAM's frozen-statistics pass; the sampler in train or eval mode. Every frame
+    compiles (nothing falls back to eager), the graphs stop growing after the first steps and
+    stay under dynamo's recompile limit, and the numbers are eager's."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: compile_module(self, **{**kw, "backend": "aot_eager"}))
+    import jem.train
+
+    monkeypatch.setattr(jem.train, "COMPILE_BACKEND", "aot_eager")
     dynamo.reset()
     counters.clear()
     base = _run(family, PerfConfig(), tiny_data, steps=6)
@@ -123,6 +123,51 @@ def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, tiny
     assert 0 < graphs < limit
     assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
     _assert_close(base, fast, rtol=1e-4, atol=1e-5)
+    dynamo.reset()
+
+
+def _three_forwards_one_backward(model: torch.nn.Module, x_big: torch.Tensor, x_small: torch.Tensor,
+                                 weight: torch.Tensor) -> list[torch.Tensor]:
+    """A warm-up forward (its graph gets compiled), then what a training step does: several
+    train-mode forwards of different batch sizes before one backward."""
+    model.zero_grad(set_to_none=True)
+    model(x_big)
+    loss = (model(x_small) * weight[: len(x_small)]).sum() + (model(x_big) * weight).sum()
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in model.parameters()), *model.buffers()]
+
+
+def test_compiled_trunk_mixes_with_eager_fallback_before_one_backward(monkeypatch):
+    """The CUDA crash of compiled training, reproduced on a CPU: once dynamo falls back to
+    eager for one batch size (recompile limit reached, here forced to 1), an eager forward
+    saves the batch-norm running statistics for its backward, and a compiled forward of
+    another batch size before that backward updates them in place: "modified by an inplace
+    operation". The trunk compiled with its statistics as values (``jem.models.Trunk``)
+    computes what eager computes, statistics included."""
+    import torch._dynamo as dynamo
+
+    import jem.train
+    from jem.models import build_model
+
+    monkeypatch.setattr(jem.train, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    eager = build_model(tiny_variant().model).train()
+    naive, ours = copy.deepcopy(eager), copy.deepcopy(eager)
+    x_big, x_small = torch.randn(6, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    weight = torch.randn(6, 4)
+    expected = _three_forwards_one_backward(eager, x_big, x_small, weight)
+
+    dynamo.reset()
+    with dynamo.config.patch(recompile_limit=1, suppress_errors=True):
+        naive.blocks.compile(backend="aot_eager", dynamic=False)  # buffers updated in place by the graph
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            _three_forwards_one_backward(naive, x_big, x_small, weight)
+    dynamo.reset()
+    assert jem.train.compile_trunk(ours, torch.device("cpu")).startswith("compiled")
+    with dynamo.config.patch(recompile_limit=1):
+        got = _three_forwards_one_backward(ours, x_big, x_small, weight)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     dynamo.reset()
 
 
