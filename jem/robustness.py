@@ -20,6 +20,7 @@ papers, and an L2 radius is measured on [0, 1] images.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import eagerpy as ep
@@ -28,11 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from jem.config import SamplerConfig
+from jem.config import SamplerConfig, deep_merge
 from jem.data import to_unit_range
-from jem.samplers import sample
+from jem.samplers import sample, without_bn_updates
 
 NORMS = ("linf", "l2")
+
+
+def purification_sampler(base: SamplerConfig, bpda: dict[str, Any]) -> SamplerConfig:
+    """The variant's sampler as ``robustness.bpda`` purifies with: its ``sampler`` overrides,
+    ``purify_steps`` steps, running statistics never updated."""
+    merged = deep_merge(dataclasses.asdict(base), {**(bpda.get("sampler") or {}), "steps": int(bpda["purify_steps"])})
+    cfg = SamplerConfig(**merged)
+    cfg.validate("robustness.bpda.sampler")
+    return without_bn_updates(cfg)
 
 
 class UnitInterval(nn.Module):

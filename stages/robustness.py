@@ -23,27 +23,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from jem.config import SamplerConfig, deep_merge
 from jem.datasets import load_split
 from jem.params import stage_section
-from jem.robustness import bpda_eot_accuracy, pgd_accuracy
-from jem.samplers import without_bn_updates
+from jem.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
 from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_metrics
 from stages.figures import plot_robustness
-
-
-def purification_sampler(base: SamplerConfig, bpda: dict[str, Any]) -> SamplerConfig:
-    merged = deep_merge(dataclasses.asdict(base), {**(bpda.get("sampler") or {}), "steps": int(bpda["purify_steps"])})
-    cfg = SamplerConfig(**merged)
-    cfg.validate("robustness.bpda.sampler")
-    return without_bn_updates(cfg)
 
 
 def _radius_key(norm: str, eps: float) -> str:
