@@ -5,6 +5,7 @@
     jem-bench --compare --report reports/performance.md   # baseline vs fast paths, side by side
     jem-bench --json bench.json                 # also write the figures as JSON
     jem-bench --compare --fid 50000 --report reports/performance.md   # and the FID stage's work
+    jem-bench --stages --report reports/performance.md   # every stage's wall time at the scale's counts
 
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
@@ -18,6 +19,11 @@ there), with the device synchronised around the timed block.
 eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer: how the
 reference code runs) and the *fast* paths (bf16 autocast on CUDA, channels_last,
 torch.compile, buffer and data on the device, fused optimizer), and prints the ratio.
+
+``--stages`` projects the wall time of every stage (train per epoch and in all, sample,
+evaluate, fid, robustness) of the first ``--variant`` (default sadajem_k5) at the scale's
+counts from measured units of work (``jem.stage_times``), and the total of the variants of
+one published table (``--table``, a key of ``reports/published.yaml``; default SADA-JEM Table 1).
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ from jem.config import ConfigError, PerfConfig, Variant, _describe, resolve_perf
 from jem.gmm import compute_mixture_stats
 from jem.inception import InceptionUnavailable
 from jem.models import count_flops
-from jem.params import resolve_variant
+from jem.params import lookup, resolve_variant
 from jem.synthetic import make_shapes
 from jem.train import Trainer
 
 DEFAULT_VARIANTS = ("jem_k20", "jempp_m10", "sadajem_k5")
+GPU_COMMAND = "jem-bench --device cuda --compare --fid 50000 --stages --report reports/performance.md"
 CIFAR10_TRAIN = 50_000
 
 
@@ -242,15 +249,67 @@ def _ratios(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
             for v, m in by if m == "fast" and (v, "baseline") in by]
 
 
-def markdown_report(rows: list[dict[str, Any]], command: str, fid: dict[str, Any] | None = None) -> str:
+def markdown_report(rows: list[dict[str, Any]], command: str, fid: dict[str, Any] | None = None,
+                    stages: dict[str, Any] | None = None) -> str:
     """``reports/performance.md``: the side-by-side table, the device, the settings, the ratios,
-    and the FID timing when there is one."""
+    the FID timing and the stage times when there are some."""
     lines = ["# Speed: baseline against the fast paths", ""]
     if rows:
         lines += _training_section(rows, command)
     if fid:
         lines += _fid_section(fid, command)
+    if stages:
+        lines += _stages_section(stages, command)
+    devices = [r["device"] for r in rows] + [d["device"] for d in (fid, stages) if d]
+    if devices and all(d.startswith("CPU") for d in devices):
+        lines += ["## On a GPU", "",
+                  "Every figure above was measured on this CPU. On a GPU, the one command that takes them all "
+                  "(WRN-28-10 at the paper's batches and counts, FID of 50,000 samples) and rewrites this file is",
+                  "", f"    {GPU_COMMAND}", ""]
     return "\n".join(lines) + "\n"
+
+
+def _stages_section(r: dict[str, Any], command: str) -> list[str]:
+    from jem.stage_times import hms
+
+    u = r["units"]
+    lines = [
+        f"## Stage times at the {r['scale']} scale: {r['variant']}",
+        "",
+        f"Measured by `{command}` on **{r['device']}**: each stage's unit of work timed with the stage's own "
+        f"library calls, multiplied out to the counts of `params.yaml` at the {r['scale']} scale "
+        "(`jem/stage_times.py`). Projections from measured units, not timings of whole stages.",
+        "",
+        "| stage | work | projected wall time |",
+        "|---|---|---:|",
+    ]
+    lines += [f"| {t['stage']} | {t['work']} | {hms(t['seconds'])} |" for t in r["stages"]]
+    lines += [f"| **all stages of {r['variant']}** | | **{hms(r['total_s'])}** |", ""]
+    units = [f"training iteration {1e3 * u['train_iter']:.1f} ms (run.perf: {r['perf']})",
+             f"fresh-chain batch {1e3 * u['chain_batch']:.1f} ms",
+             f"eval forward {1e3 * u['forward_image']:.3f} ms/image",
+             f"OOD scores (forward + input gradient) {1e3 * u['ood_image']:.3f} ms/image",
+             f"PGD {1e3 * u['pgd_step']:.1f} ms/step + {1e3 * u['pgd_fixed']:.1f} ms per batch and radius",
+             f"Inception {1e3 * u['inception_image']:.3f} ms/image, Frechet {u['frechet']:.2f} s"]
+    if "bpda_step" in u:
+        units.append(f"BPDA+EOT {1e3 * u['bpda_step']:.1f} ms/step + {1e3 * u['bpda_fixed']:.1f} ms "
+                     "per batch and radius")
+    slower = [t["stage"] for t in r["stages"] if t["stage"] in ("sample", "evaluate", "fid", "robustness")
+              and t["seconds"] > r["train_s"]]
+    lines += ["Units measured: " + "; ".join(units) + ".", "",
+              "Stages that take longer than training: " + (", ".join(slower) if slower else "none") + ".", ""]
+    if r.get("table"):
+        tab = r["table"]
+        lines += [f"### {tab['title']} (every variant's stages at the {r['scale']} scale)", "",
+                  "| variant | train | sample + evaluate + fid + robustness | total |", "|---|---:|---:|---:|"]
+        lines += [f"| {v['variant']} | {hms(v['train_s'])} | {hms(v['other_s'])} | {hms(v['total_s'])} |"
+                  for v in tab["rows"]]
+        lines += [f"| {t['stage']} (once) | | {hms(t['seconds'])} | {hms(t['seconds'])} |" for t in tab["fid_ref"]]
+        lines += [f"| **{len(tab['rows'])} variants, one {r['device']}** | | | **{hms(tab['total_s'])}** |", "",
+                  "Training iterations and the sampler's units (fresh chains, BPDA+EOT) are measured for every "
+                  "variant; forwards, OOD passes, PGD and Inception once, on the first variant (the same network).",
+                  ""]
+    return lines
 
 
 def _fid_section(r: dict[str, Any], command: str) -> list[str]:
@@ -320,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fid-batch", type=int, default=500, help="Inception batch size for --fid")
     ap.add_argument("--inception-weights", help="pytorch-fid weights for --fid (default: random, timing only)")
     ap.add_argument("--skip-train", action="store_true", help="only the --fid timing")
+    ap.add_argument("--stages", action="store_true",
+                    help="project every stage's wall time for the first --variant (default sadajem_k5)")
+    ap.add_argument("--table", default="sadajem_table1",
+                    help="with --stages: also total the variants of this reports/published.yaml table ('none': skip)")
+    ap.add_argument("--published", type=Path, default=Path("reports/published.yaml"), help="for --table")
     args = ap.parse_args(argv)
 
     if args.device == "auto":
@@ -331,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and not (args.compare or args.skip_train):
         print("error: --report writes the side-by-side table; add --compare", file=sys.stderr)
         return 2
-    if args.skip_train and not args.fid:
-        print("error: --skip-train leaves nothing to time; add --fid N", file=sys.stderr)
+    if args.skip_train and not (args.fid or args.stages):
+        print("error: --skip-train leaves nothing to time; add --fid N or --stages", file=sys.stderr)
         return 2
     if args.fid is not None and args.fid < 2:
         print(f"error: --fid {args.fid}: need at least 2 samples for a covariance", file=sys.stderr)
@@ -348,16 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in [] if args.skip_train else args.variant or DEFAULT_VARIANTS:
         try:
-            d = resolve_variant(params, name, scale).to_dict()
-            if args.depth:
-                d["model"]["depth"] = args.depth
-            if args.width:
-                d["model"]["width"] = args.width
-            if args.batch:
-                ratio = d["train"]["px_batch_size"] / d["train"]["batch_size"]
-                d["train"]["batch_size"] = args.batch
-                d["train"]["px_batch_size"] = max(1, round(args.batch * ratio))
-            variant = Variant.from_dict(d, where=f"methods.{name}")
+            variant = _variant(params, name, scale, args)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -384,14 +439,90 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(_format_fid(fid))
+    stages = None
+    if args.stages:
+        try:
+            stages = _stage_times(params, scale, device, args, fid)
+        except (ConfigError, InceptionUnavailable, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
-        args.json.write_text(json.dumps({"training": rows, "fid": fid} if fid else rows, indent=2))
+        args.json.write_text(json.dumps({"training": rows, "fid": fid, "stages": stages} if fid or stages else rows,
+                                        indent=2))
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         command = "jem-bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.report.write_text(markdown_report(rows, command, fid))
+        args.report.write_text(markdown_report(rows, command, fid, stages))
         print(f"wrote {args.report}")
     return 0
+
+
+def _variant(params: dict[str, Any], name: str, scale: str, args: argparse.Namespace) -> Variant:
+    """``name`` at ``scale`` with the command line's --depth, --width and --batch."""
+    d = resolve_variant(params, name, scale).to_dict()
+    if args.depth:
+        d["model"]["depth"] = args.depth
+    if args.width:
+        d["model"]["width"] = args.width
+    if args.batch:
+        ratio = d["train"]["px_batch_size"] / d["train"]["batch_size"]
+        d["train"]["batch_size"] = args.batch
+        d["train"]["px_batch_size"] = max(1, round(args.batch * ratio))
+    return Variant.from_dict(d, where=f"methods.{name}")
+
+
+def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args: argparse.Namespace,
+                 fid: dict[str, Any] | None) -> dict[str, Any]:
+    """``--stages``: units measured on the device, projected to the scale's stage counts."""
+    from jem.params import stage_section
+    from jem.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
+
+    sections = {s: stage_section(params, s, scale) for s in ("sample", "evaluate", "fid", "robustness")}
+    sizes = {role: split_sizes(lookup(spec, scale, f"datasets.{role}")) for role, spec in params["datasets"].items()}
+    detail = (args.variant or ["sadajem_k5"])[0]
+    names = [detail]
+    title = None
+    if args.table != "none":
+        published = yaml.safe_load(args.published.read_text())
+        table = lookup(published, args.table, str(args.published))
+        title = table.get("title", args.table)
+        names += [r["variant"] for r in table.get("rows", []) if r["variant"] not in names]
+    perf = fast_perf(device, args.compile)
+    inception = fid or benchmark_fid(device, 2000 if device.type == "cuda" else 64, args.fid_batch,
+                                     channels_last=device.type == "cuda", weights=args.inception_weights)
+    shared: dict[str, float] | None = None
+    per_variant = []
+    for name in names:
+        variant = _variant(params, name, scale, args)
+        print(f"[bench] stage units of {name} on {device} ...", flush=True)
+        train = benchmark(variant, device, args.steps, args.warmup, perf=perf, label="auto")
+        units = measure_units(variant, sections, device, train["ms_per_iter"] / 1e3, inception, shared)
+        shared = shared or units
+        times = stage_times(variant, sections, sizes, units)
+        per_variant.append((variant, units, times))
+    variant, units, times = per_variant[0]
+    train_s = next(t.seconds for t in times if t.stage == "train")
+    out: dict[str, Any] = {
+        "variant": detail, "scale": scale, "device": _device_name(device), "perf": _describe(perf),
+        "units": units, "stages": [dataclasses.asdict(t) for t in times], "train_s": train_s,
+        "total_s": total_seconds(times),
+    }
+    if title is not None:
+        in_table = {r["variant"] for r in table.get("rows", [])}
+        rows = []
+        for v, _, ts in per_variant:
+            if v.name in in_table:
+                t_train = next(t.seconds for t in ts if t.stage == "train")
+                rows.append({"variant": v.name, "train_s": t_train, "other_s": total_seconds(ts) - t_train,
+                             "total_s": total_seconds(ts)})
+        roles = sorted({v.dataset for v, _, _ in per_variant if v.name in in_table})
+        refs = [reference_time(sizes[role], sections["fid"], role, units) for role in roles]
+        out["table"] = {"name": args.table, "title": title, "rows": rows,
+                        "fid_ref": [dataclasses.asdict(t) for t in refs],
+                        "total_s": sum(r["total_s"] for r in rows) + sum(t.seconds for t in refs)}
+    print(f"[bench] stages of {detail} at the {scale} scale: " + ", ".join(
+        f"{t.stage} {t.seconds:.0f} s" for t in times), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -57,3 +57,59 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert main(["--params", PARAMS, "--device", "cpu", "--skip-train", "--fid", "4",
                  "--inception-weights", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_stage_times_multiply_the_units_out_to_the_paper_counts():
+    """Every stage's projection is its unit times the paper's counts (hand-counted here)."""
+    import yaml
+
+    from jem.params import resolve_variant, stage_section
+    from jem.stage_times import split_sizes, stage_times, total_seconds
+
+    params = yaml.safe_load(Path(PARAMS).read_text())
+    variant = resolve_variant(params, "sadajem_k5", "paper")
+    sections = {s: stage_section(params, s, "paper") for s in ("sample", "evaluate", "fid", "robustness")}
+    sizes = {role: split_sizes(spec["paper"]) for role, spec in params["datasets"].items()}
+    assert sizes["cifar10"] == {"train": 45_000, "val": 5_000, "test": 10_000, "interp": 10_000}
+    assert sizes["svhn"]["test"] == 26_032 and sizes["celeba"]["test"] == 19_962
+    units = {"train_iter": 0.1, "chain_batch": 0.5, "forward_image": 1e-4, "ood_image": 3e-4, "pgd_fixed": 0.2,
+             "pgd_step": 0.03, "inception_image": 2e-4, "frechet": 1.5, "bpda_fixed": 0.7, "bpda_step": 0.9}
+    got = {t.stage: t.seconds for t in stage_times(variant, sections, sizes, units)}
+    assert got["train (one epoch)"] == pytest.approx(351 * 0.1)  # 45,000 // 128
+    assert got["train"] == pytest.approx(200 * 351 * 0.1)
+    # 10,000 fresh chains in 157 batches of 64, 10 x 10 class-conditional in 2; 20,100 images classified
+    assert got["sample"] == pytest.approx(159 * 0.5 + 20_100 * 1e-4)
+    # test twice, BN re-estimate over 45,000, landscape 21 x 4,500; OOD: test + SVHN + Interp + CIFAR-100 + CelebA
+    assert got["evaluate"] == pytest.approx((20_000 + 45_000 + 94_500) * 1e-4
+                                            + (10_000 + 26_032 + 10_000 + 10_000 + 19_962) * 3e-4)
+    assert got["fid"] == pytest.approx(20_000 * 2e-4 + 2 * 2 * 1.5)  # two sets x two protocols
+    # PGD: 4 batches x 13 radii x 50 steps; BPDA+EOT: 4 batches x 4 radii x 40 steps
+    assert got["robustness"] == pytest.approx(4 * 13 * (0.2 + 50 * 0.03) + 4 * 4 * (0.7 + 40 * 0.9))
+    assert total_seconds(stage_times(variant, sections, sizes, units)) == pytest.approx(
+        sum(v for k, v in got.items() if k != "train (one epoch)"))
+
+
+def test_stage_times_measured_on_this_machine(tmp_path):
+    """``--stages`` measures each unit with the stages' own calls and totals a published table."""
+    from jem.bench import markdown_report
+
+    published = tmp_path / "published.yaml"
+    published.write_text("t1:\n  title: Table X\n  rows:\n    - {variant: sadajem_k5}\n    - {variant: softmax}\n")
+    out = tmp_path / "bench.json"
+    rc = main(["--params", PARAMS, "--variant", "sadajem_k5", "--device", "cpu", "--batch", "8", "--steps", "1",
+               "--warmup", "0", "--skip-train", "--fid", "4", "--fid-batch", "4", "--stages", "--table", "t1",
+               "--published", str(published), "--json", str(out)])
+    assert rc == 0
+    st = json.loads(out.read_text())["stages"]
+    assert [t["stage"] for t in st["stages"]] == ["train (one epoch)", "train", "sample", "evaluate", "fid",
+                                                  "robustness"]
+    assert all(t["seconds"] > 0 for t in st["stages"]) and all(v > 0 for v in st["units"].values())
+    assert "BPDA+EOT" in st["stages"][-1]["work"]
+    rows = {r["variant"]: r for r in st["table"]["rows"]}
+    assert set(rows) == {"sadajem_k5", "softmax"} and rows["sadajem_k5"]["total_s"] == pytest.approx(st["total_s"])
+    assert [t["stage"] for t in st["table"]["fid_ref"]] == ["fid_ref@cifar10"]
+    assert st["table"]["total_s"] == pytest.approx(sum(r["total_s"] for r in rows.values())
+                                                   + st["table"]["fid_ref"][0]["seconds"])
+    text = markdown_report([], "jem-bench --stages", None, st)
+    assert "## Stage times at the demo scale: sadajem_k5" in text and "| robustness | PGD: " in text
+    assert "### Table X" in text and "| softmax |" in text and "Stages that take longer than training:" in text
