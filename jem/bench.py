@@ -278,7 +278,9 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
         "",
         f"Measured by `{command}` on **{r['device']}**: each stage's unit of work timed with the stage's own "
         f"library calls, multiplied out to the counts of `params.yaml` at the {r['scale']} scale "
-        "(`jem/stage_times.py`). Projections from measured units, not timings of whole stages.",
+        "(`jem/stage_times.py`). Projections from measured units, not timings of whole stages; fid and "
+        "fid_ref count the Inception passes they make with the weights in place (without them both record "
+        "IS/FID as unavailable in seconds).",
         "",
         "| stage | work | projected wall time |",
         "|---|---|---:|",
