@@ -53,15 +53,16 @@ def forward_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | 
     return passes
 
 
-def bn_snapshot(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]]:
-    """Each batch norm's running mean, variance and batch count now (before the sampler)."""
-    return {m: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+def bn_snapshot(model: nn.Module) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each batch norm's running mean, variance and batch count now (before the sampler), as
+    copies on the device (no host synchronisation)."""
+    return {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
             for m in bn_layers(model) if m.track_running_stats}
 
 
 @contextlib.contextmanager
 def grouped_batch_norm(model: nn.Module, sizes: list[int],
-                       deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] | None = None
+                       deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
                        ) -> Iterator[None]:
     """One forward over concatenated batches (``sizes`` rows each, in order) that normalises
     every batch with its own statistics and updates the running statistics batch by batch, in
@@ -86,8 +87,10 @@ def grouped_batch_norm(model: nn.Module, sizes: list[int],
                 outs.append(F.batch_norm(part, None, None, m.weight, m.bias, True, 0.0, m.eps))
                 with torch.no_grad():
                     mean0, var0, count0 = deferred[m]
-                    k = int(m.num_batches_tracked) - count0
-                    share = (1.0 - m.momentum) ** k * m.momentum
+                    # updates since the snapshot, on the device: no host synchronisation per layer,
+                    # and no graph break when the trunk is compiled
+                    k = (m.num_batches_tracked - count0).to(mean0.dtype)
+                    share = torch.pow(1.0 - m.momentum, k) * m.momentum
                     flat = part.detach().float().transpose(0, 1).flatten(1)
                     m.running_mean.add_(share * (flat.mean(1) - mean0))
                     m.running_var.add_(share * (flat.var(1, unbiased=True) - var0))
@@ -109,7 +112,7 @@ def grouped_batch_norm(model: nn.Module, sizes: list[int],
 
 def grouped_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | None,
                    x_neg: torch.Tensor | None,
-                   deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] | None = None) -> Passes:
+                   deferred: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> Passes:
     """``forward_passes`` in one forward of the concatenated batches (x+, x-, labelled), with
     per-batch batch-norm statistics and running-statistics updates in that order."""
     batches = [x for x in (x_pos, None if x_neg is None else x_neg.detach(), x_lab) if x is not None]

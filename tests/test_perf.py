@@ -95,15 +95,18 @@ def test_compiled_trunk_matches_eager(tiny_data):
     _assert_close(base, fast, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [SADAJEM, JEMPP, {**SADAJEM, "sampler": {**SADAJEM["sampler"], "bn_mode": "eval"}}],
-                         ids=["sadajem-sam", "jempp-pyld", "bn-eval-sampler"])
-def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, tiny_data, monkeypatch):
+@pytest.mark.parametrize(("family", "grouped"),
+                         [(SADAJEM, False), (JEMPP, False),
+                          ({**SADAJEM, "sampler": {**SADAJEM["sampler"], "bn_mode": "eval"}}, False), (SADAJEM, True)],
+                         ids=["sadajem-sam", "jempp-pyld", "bn-eval-sampler", "sadajem-grouped-passes"])
+def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, grouped, tiny_data, monkeypatch):
     """dynamo and AOTAutograd (the aot_eager backend: the same graph capture and
     functionalisation as inductor, without code generation, so seconds on a CPU) through real
     training steps: several train-mode forwards, each updating running statistics, before one
     backward; SAM's frozen-statistics pass; the sampler in train or eval mode. Every frame
     compiles (nothing falls back to eager), the graphs stop growing after the first steps and
-    stay under dynamo's recompile limit, and the numbers are eager's."""
+    stay under dynamo's recompile limit, and the numbers are eager's. With grouped passes too
+    (the deferred x+ update reads the batch count on the device: no graph break)."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
@@ -112,8 +115,8 @@ def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, tiny
     monkeypatch.setattr(jem.train, "COMPILE_BACKEND", "aot_eager")
     dynamo.reset()
     counters.clear()
-    base = _run(family, PerfConfig(), tiny_data, steps=6)
-    fast = _run(family, PerfConfig(compile=True), tiny_data, steps=3)
+    base = _run(family, PerfConfig(grouped_passes=grouped), tiny_data, steps=6)
+    fast = _run(family, PerfConfig(compile=True, grouped_passes=grouped), tiny_data, steps=3)
     if not fast.compiled.startswith("compiled"):
         pytest.skip(fast.compiled)
     graphs = counters["stats"]["unique_graphs"]
