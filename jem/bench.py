@@ -498,7 +498,8 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         variant = _variant(params, name, scale, args)
         print(f"[bench] stage units of {name} on {device} ...", flush=True)
         train = benchmark(variant, device, args.steps, args.warmup, perf=perf, label="auto")
-        units = measure_units(variant, sections, device, train["ms_per_iter"] / 1e3, inception, shared)
+        units = measure_units(variant, sections, device, train["ms_per_iter"] / 1e3, inception, shared,
+                              channels_last=perf.channels_last)
         shared = shared or units
         times = stage_times(variant, sections, sizes, units)
         per_variant.append((variant, units, times))

@@ -93,17 +93,20 @@ def _per_step(run: Callable[[int], Any], device: torch.device) -> tuple[float, f
 
 
 def measure_units(variant: Variant, sections: dict[str, dict[str, Any]], device: torch.device,
-                  train_s: float, inception: dict[str, Any], shared: dict[str, float] | None = None
-                  ) -> dict[str, float]:
+                  train_s: float, inception: dict[str, Any], shared: dict[str, float] | None = None,
+                  channels_last: bool = False) -> dict[str, float]:
     """Seconds of each unit of work of ``variant``'s stages on ``device``.
 
     ``train_s``: seconds per training iteration (``jem.bench.benchmark``); ``inception``: a
     ``jem.bench.benchmark_fid`` row. ``shared``: units that do not depend on the sampler
     (forwards, OOD passes, PGD, Inception) measured for another variant of the same
-    network, reused instead of measured again.
+    network, reused instead of measured again. ``channels_last``: the model's layout in the
+    stages (``run.perf.channels_last``).
     """
     m = variant.model
     model = build_model(m).to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     rng = np.random.default_rng(0)
 
     def images(n: int) -> torch.Tensor:
@@ -116,9 +119,10 @@ def measure_units(variant: Variant, sections: dict[str, dict[str, Any]], device:
     s_cfg, ev, rb = sections["sample"], sections["evaluate"], sections["robustness"]
     px = variant.train.px_batch_size
     steps = int(s_cfg.get("fresh_steps") or variant.sampler.steps)
-    x0 = (torch.rand(px, m.in_channels, m.image_size, m.image_size) * 2 - 1).to(device)
-    units["chain_batch"] = _timed(lambda: sample(model, x0, without_bn_updates(variant.sampler), steps=steps),
-                                  device)
+    if variant.uses_sampler:
+        x0 = (torch.rand(px, m.in_channels, m.image_size, m.image_size) * 2 - 1).to(device)
+        units["chain_batch"] = _timed(lambda: sample(model, x0, without_bn_updates(variant.sampler), steps=steps),
+                                      device)
     if shared is None:
         batch = int(ev.get("batch_size", 500))
         x = images(2 * batch)
@@ -162,12 +166,15 @@ def stage_times(variant: Variant, sections: dict[str, dict[str, Any]], sizes: di
 
     s = sections["sample"]
     fresh, cond = int(s["fresh"]), int(s["per_class"]) * classes
-    chains = math.ceil(fresh / t.px_batch_size) + math.ceil(cond / t.px_batch_size)
-    steps = int(s.get("fresh_steps") or variant.sampler.steps)
     kept = min(int(s["buffer"]), variant.buffer.size)
-    out.append(StageTime("sample", f"{fresh + cond:,} chains ({chains} batches) x {steps} steps; "
-                                   f"{kept + fresh + cond:,} images classified",
-                         chains * units["chain_batch"] + (kept + fresh + cond) * units["forward_image"]))
+    if variant.uses_sampler:
+        chains = math.ceil(fresh / t.px_batch_size) + math.ceil(cond / t.px_batch_size)
+        steps = int(s.get("fresh_steps") or variant.sampler.steps)
+        out.append(StageTime("sample", f"{fresh + cond:,} chains ({chains} batches) x {steps} steps; "
+                                       f"{kept + fresh + cond:,} images classified",
+                             chains * units["chain_batch"] + (kept + fresh + cond) * units["forward_image"]))
+    else:
+        out.append(StageTime("sample", "softmax baseline: not sampled", 0.0))
 
     ev = sections["evaluate"]
     cap = ev.get("ood_max")
@@ -182,11 +189,14 @@ def stage_times(variant: Variant, sections: dict[str, dict[str, Any]], sizes: di
                          forwards * units["forward_image"] + ood_total * units["ood_image"]))
 
     f = sections["fid"]
-    sets = {"buffer": kept, "fresh": fresh}
-    scored = sum(sets.get(name, 0) for name in f.get("sets", []))
-    frechets = len(f.get("sets", [])) * len(PROTOCOLS)
-    out.append(StageTime("fid", f"{scored:,} Inception passes, {frechets} Frechet distances",
-                         scored * units["inception_image"] + frechets * units["frechet"]))
+    if variant.uses_sampler:
+        sets = {"buffer": kept, "fresh": fresh}
+        scored = sum(sets.get(name, 0) for name in f.get("sets", []))
+        frechets = len(f.get("sets", [])) * len(PROTOCOLS)
+        out.append(StageTime("fid", f"{scored:,} Inception passes, {frechets} Frechet distances",
+                             scored * units["inception_image"] + frechets * units["frechet"]))
+    else:
+        out.append(StageTime("fid", "softmax baseline: no samples to score", 0.0))
 
     r = sections["robustness"]
     n = min(int(r["images"]), own["test"])

@@ -452,8 +452,11 @@ def _restore_env(key: str, value: str | None) -> None:
 
 
 # ---- shared by the stages that read a trained variant ------------------------------------------
-def load_selected(model_dir: Path, section: str, select: str, device: torch.device) -> tuple[Any, Any, str]:
-    """The weights a stage asked for (``<section>.select``: ``last`` or ``best_val``), in eval mode.
+def load_selected(model_dir: Path, section: str, select: str, device: torch.device,
+                  params: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
+    """The weights a stage asked for (``<section>.select``: ``last`` or ``best_val``), in eval mode,
+    in the memory layout of ``run.perf`` (channels_last: the same fp32 arithmetic, faster
+    convolutions; ``params`` None: contiguous).
 
     Returns (model, variant, select).
     """
@@ -467,7 +470,19 @@ def load_selected(model_dir: Path, section: str, select: str, device: torch.devi
         hint = "; best_val needs a validation split (datasets.<role>.<scale>.val > 0)" if select == "best_val" else ""
         raise StageError(f"{weights} not found ({section}.select = {select}){hint}; run dvc repro train")
     model, payload = load_model(weights, device)
+    if params is not None and model_channels_last(params, device):
+        model = model.to(memory_format=torch.channels_last)
     return model, Variant.from_dict(payload["variant"], where=f"{weights}:variant"), select
+
+
+def model_channels_last(params: dict[str, Any], device: torch.device) -> bool:
+    """``run.perf.channels_last`` (``auto``: on, on a CPU and a GPU) for the stages after training."""
+    from jem.config import resolve_perf
+    from jem.params import scale_name
+    from jem.settings import section
+
+    perf, _ = resolve_perf(section(params, "run", scale_name(params)).perf, device)
+    return perf.channels_last
 
 
 def swap_in(tmp: Path, out: Path) -> None:

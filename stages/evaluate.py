@@ -74,7 +74,7 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     cfg = stage_section(params, "evaluate")
-    model, variant, select = load_selected(args.model, "evaluate", str(cfg.get("select", "last")), device)
+    model, variant, select = load_selected(args.model, "evaluate", str(cfg.get("select", "last")), device, params)
     role = variant.dataset
     meta = json.loads((args.data / role / "meta.json").read_text())
     x_test, y_test = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))

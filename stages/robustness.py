@@ -51,7 +51,7 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     cfg = stage_section(params, "robustness")
-    model, variant, select = load_selected(args.model, "robustness", str(cfg.get("select", "last")), device)
+    model, variant, select = load_selected(args.model, "robustness", str(cfg.get("select", "last")), device, params)
     role = variant.dataset
     x, y = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))
     n = min(int(cfg.get("images", 1000)), len(x))

@@ -83,7 +83,7 @@ def main() -> None:
     params = load_params()
     device = setup_run(params)
     cfg = stage_section(params, "sample")
-    model, variant, select = load_selected(args.model, "sample", str(cfg.get("select", "last")), device)
+    model, variant, select = load_selected(args.model, "sample", str(cfg.get("select", "last")), device, params)
     role = variant.dataset
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     if not variant.uses_sampler:  # the papers report no IS/FID for softmax baselines

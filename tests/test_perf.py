@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +232,26 @@ def test_grouped_passes_equal_separate_forwards_in_float64(deferred):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-10, msg=name)
     for (name, ba), bb in zip(a.named_buffers(), b.buffers(), strict=True):
         torch.testing.assert_close(bb, ba, rtol=0, atol=1e-12, msg=name)
+
+
+def test_stages_after_training_take_the_run_perf_layout_and_compute_the_same():
+    """sample, evaluate and robustness load the weights channels_last under ``run.perf: auto``
+    (contiguous under ``safe``): the same fp32 scores, within float rounding."""
+    from jem.metrics import predict_logits
+    from jem.models import build_model
+    from jem.ood import ood_scores
+    from stages.common import model_channels_last
+
+    params = {"scale": "tiny", "scales": {"tiny": {}}, "run": {"perf": "auto"}}
+    assert model_channels_last(params, torch.device("cpu"))
+    assert not model_channels_last({**params, "run": {"perf": "safe"}}, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(tiny_variant().model)
+    model(torch.randn(16, 3, 8, 8))  # running statistics that are not the initial ones
+    model.eval()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(predict_logits(nhwc, images, 8), predict_logits(model, images, 8), rtol=1e-4, atol=1e-5)
+    a, b = ood_scores(nhwc, images, 8), ood_scores(model, images, 8)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
