@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = None
     if args.stages:
         try:
-            stages = _stage_times(params, scale, device, args, fid)
+            stages = _stage_times(params, scale, device, args, fid, rows)
         except (ConfigError, InceptionUnavailable, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -474,8 +474,10 @@ def _variant(params: dict[str, Any], name: str, scale: str, args: argparse.Names
 
 
 def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args: argparse.Namespace,
-                 fid: dict[str, Any] | None) -> dict[str, Any]:
-    """``--stages``: units measured on the device, projected to the scale's stage counts."""
+                 fid: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--stages``: units measured on the device, projected to the scale's stage counts. A
+    variant already timed in ``rows`` with the same ``run.perf`` (--compare's fast row) is not
+    timed again."""
     from jem.params import stage_section
     from jem.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
 
@@ -490,6 +492,7 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         title = table.get("title", args.table)
         names += [r["variant"] for r in table.get("rows", []) if r["variant"] not in names]
     perf = fast_perf(device, args.compile)
+    timed = {r["variant"]: r for r in rows if r["perf"] == dataclasses.asdict(perf)}
     inception = fid or benchmark_fid(device, 2000 if device.type == "cuda" else 64, args.fid_batch,
                                      channels_last=device.type == "cuda", weights=args.inception_weights)
     shared: dict[str, float] | None = None
@@ -497,7 +500,7 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
     for name in names:
         variant = _variant(params, name, scale, args)
         print(f"[bench] stage units of {name} on {device} ...", flush=True)
-        train = benchmark(variant, device, args.steps, args.warmup, perf=perf, label="auto")
+        train = timed.get(name) or benchmark(variant, device, args.steps, args.warmup, perf=perf, label="auto")
         units = measure_units(variant, sections, device, train["ms_per_iter"] / 1e3, inception, shared,
                               channels_last=perf.channels_last)
         shared = shared or units

@@ -71,8 +71,7 @@ class Trunk(nn.Sequential):
             return super().forward(x)
         if not any(m.training and m.track_running_stats for m in bn_layers(self)):
             return self.compiled(self, x, {})[0]  # nothing updates: the graph only reads the buffers
-        names = [name for name, _ in self.named_buffers()]
-        current = [buf for _, buf in self.named_buffers()]
+        names, current = map(list, zip(*self.named_buffers(), strict=True))
         # copies in (one multi-tensor kernel): no tensor a backend saves for backward is written again
         out, updated = self.compiled(self, x, dict(zip(names, torch._foreach_add(current, 0), strict=True)))
         with torch.no_grad():

@@ -49,7 +49,6 @@ REAL_SIZES = {
     "svhn": {"test": 26_032},
     "celeba": {"test": 19_962},
 }
-STAGES = ("train", "sample", "evaluate", "fid", "robustness")
 
 
 @dataclasses.dataclass
@@ -117,9 +116,8 @@ def measure_units(variant: Variant, sections: dict[str, dict[str, Any]], device:
 
     units = {"train_iter": train_s}
     s_cfg, ev, rb = sections["sample"], sections["evaluate"], sections["robustness"]
-    px = variant.train.px_batch_size
-    steps = int(s_cfg.get("fresh_steps") or variant.sampler.steps)
     if variant.uses_sampler:
+        px, steps = variant.train.px_batch_size, int(s_cfg.get("fresh_steps") or variant.sampler.steps)
         x0 = (torch.rand(px, m.in_channels, m.image_size, m.image_size) * 2 - 1).to(device)
         units["chain_batch"] = _timed(lambda: sample(model, x0, without_bn_updates(variant.sampler), steps=steps),
                                       device)

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.config import resolve_perf
 from jem.datasets import load_split
 from jem.inception import (
     PROTOCOLS,
@@ -46,14 +45,14 @@ from jem.inception import (
     protocol_indices,
     score_protocol,
 )
-from jem.params import scale_name, stage_section
-from jem.settings import section
+from jem.params import stage_section
 from stages.common import (
     StageError,
     building,
     load_params,
     main_guard,
     mlflow_run,
+    model_channels_last,
     setup_run,
     write_json,
     write_metrics,
@@ -72,8 +71,7 @@ def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device
 
 def _nhwc(params: dict[str, Any], device: torch.device) -> bool:
     """``run.perf.channels_last`` on a GPU: the Inception network runs NHWC (fp32 either way)."""
-    perf, _ = resolve_perf(section(params, "run", scale_name(params)).perf, device)
-    return device.type == "cuda" and perf.channels_last
+    return device.type == "cuda" and model_channels_last(params, device)
 
 
 def reference(args: argparse.Namespace) -> None:
