@@ -5,7 +5,7 @@
     jem-bench --compare --report reports/performance.md   # baseline vs fast paths, side by side
     jem-bench --json bench.json                 # also write the figures as JSON
     jem-bench --compare --fid 50000 --report reports/performance.md   # and the FID stage's work
-    jem-bench --stages --report reports/performance.md   # every stage's wall time at the scale's counts
+    jem-bench --compare --stages --report reports/performance.md   # and every stage's wall time
 
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
