@@ -227,8 +227,10 @@ def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple
 
     ``auto`` (the default): on CUDA the fastest configuration verified correct there (bf16
     autocast of the loss passes and the sampler, channels_last, fused optimizer, buffer and
-    data on the GPU); on a CPU fp32 with channels_last and the fused optimizer (1.1-1.3x
-    faster there, ``reports/performance.md``; bf16 autocast is slower on CPUs).
+    data on the GPU) where the GPU runs bf16 natively (Ampere and later); on older GPUs fp32
+    with the fused optimizer and the buffer and data on the GPU; on a CPU fp32 with
+    channels_last and the fused optimizer (1.1-1.3x faster there, ``reports/performance.md``;
+    bf16 autocast is slower on CPUs).
     torch.compile is not part of ``auto``: it has not been measured faster on a GPU yet; turn
     it on with an explicit ``run.perf`` mapping. ``safe``: fp32, eager, everything off.
     A mapping is taken as it is."""
@@ -240,11 +242,25 @@ def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple
     if setting != "auto":
         raise ConfigError(f"run.perf = {setting!r}: expected 'auto', 'safe' or a mapping of PerfConfig switches")
     if device.type == "cuda":
-        perf = PerfConfig(precision="bf16", sampler_precision="bf16", channels_last=True, compile=False,
-                          fused_optimizer=True)
-        return perf, f"auto on CUDA ({_describe(perf)})"
+        name, native_bf16 = _cuda_device(device)
+        if native_bf16:
+            perf = PerfConfig(precision="bf16", sampler_precision="bf16", channels_last=True, compile=False,
+                              fused_optimizer=True)
+            return perf, f"auto on CUDA, {name} ({_describe(perf)})"
+        # before Ampere bf16 is emulated (slower than fp32), and NHWC pays off with the tensor-core
+        # kernels of reduced precision, not with fp32's
+        perf = PerfConfig(fused_optimizer=True)
+        return perf, f"auto on CUDA, {name}: no native bf16, fp32 ({_describe(perf)})"
     perf = PerfConfig(channels_last=True, fused_optimizer=True)
     return perf, f"auto on {device.type} ({_describe(perf)})"
+
+
+def _cuda_device(device: torch.device) -> tuple[str, bool]:
+    """The GPU's name with its compute capability, and whether it runs bf16 natively (sm_80,
+    Ampere, and later; ROCm devices do)."""
+    props = torch.cuda.get_device_properties(device)
+    native = bool(torch.version.hip) or props.major >= 8
+    return f"{props.name} (sm_{props.major}{props.minor})", native
 
 
 def _describe(perf: PerfConfig) -> str:

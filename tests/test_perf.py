@@ -175,17 +175,30 @@ def test_compiled_trunk_mixes_with_eager_fallback_before_one_backward(monkeypatc
     dynamo.reset()
 
 
-def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu():
+def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu(monkeypatch):
+    from types import SimpleNamespace
+
     from jem.config import ConfigError, resolve_perf
     from jem.settings import RunSettings
 
     cpu, line = resolve_perf("auto", "cpu")
     assert cpu == PerfConfig(channels_last=True, fused_optimizer=True) and "loss fp32" in line
-    gpu, line = resolve_perf("auto", torch.device("cuda", 0))  # the choice needs no GPU to make
+    gpus = {0: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0),
+            1: SimpleNamespace(name="Tesla V100-SXM2-32GB", major=7, minor=0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpus[torch.device(device).index])
+    gpu, line = resolve_perf("auto", torch.device("cuda", 0))
     switches = (gpu.precision, gpu.sampler_precision, gpu.channels_last, gpu.fused_optimizer)
     assert switches == ("bf16", "bf16", True, True)
     assert not gpu.compile, "torch.compile joins auto only once it is measured faster on a GPU"
-    assert (gpu.buffer_device, gpu.data_device) == ("auto", "auto") and "bf16" in line
+    assert (gpu.buffer_device, gpu.data_device) == ("auto", "auto")
+    assert line == ("auto on CUDA, NVIDIA H100 80GB HBM3 (sm_90) "
+                    "(loss bf16, sampler bf16, channels_last, fused optimizer)")
+    # before Ampere bf16 is emulated: fp32 there, in the layout cuDNN's fp32 kernels are made for
+    old, line = resolve_perf("auto", torch.device("cuda", 1))
+    assert old == PerfConfig(fused_optimizer=True)
+    assert line == ("auto on CUDA, Tesla V100-SXM2-32GB (sm_70): no native bf16, fp32 "
+                    "(loss fp32, sampler fp32, fused optimizer)")
     assert resolve_perf("safe", "cuda")[0] == PerfConfig()
     explicit = PerfConfig(compile=True)
     assert resolve_perf(explicit, "cuda") == (explicit, "explicit run.perf (loss fp32, sampler fp32, compile)")
