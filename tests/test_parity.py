@@ -3,7 +3,8 @@
 For each family (JEM: wgrathwohl/JEM ``train_wrn_ebm.py``; JEM++: sndnyang/JEMPP
 ``train_jempp.py``; SADA-JEM: sndnyang/SADAJEM ``train_sadajem.py``; the softmax baselines, as
 those scripts run with the p(x) term off) a few iterations of ``jem.train.Trainer`` run side by
-side with an independent loop that does what the reference iteration does: its own sampler
+side with an independent loop that does what the reference iteration does (``jem.reference``,
+which shares no code with ``jem.train``; ``jem-bench --compare`` times it too): its own sampler
 loop, replay-buffer mixing and write-back, loss, SAM/ASAM steps, warm-up and decay, on a copy
 of the same network with a plain ``torch.optim`` optimizer. Both see the same batches (our
 streams are pure functions of the iteration), the same buffer slots and p0 draws, and the same
@@ -17,19 +18,17 @@ on 8x8 images, so the test also pins what the families are.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 import jem.train
 from jem.config import PerfConfig, Variant, deep_merge
 from jem.gmm import compute_mixture_stats
-from jem.models import WideResNet
+from jem.reference import ReferenceLoop
 from jem.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,162 +57,6 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 8, 8), dtype=torch.uint8, generator=g)
     return images, torch.arange(48) % 4
-
-
-# ---- the reference iteration, written from the scripts ------------------------------------------
-def lse(f: WideResNet, x: torch.Tensor) -> torch.Tensor:
-    """The scripts' ``f(x)``: CCF.forward = logsumexp of the classifier's logits."""
-    return f(x).logsumexp(1)
-
-
-def ref_sgld(f: WideResNet, x0: torch.Tensor, v: Variant) -> torch.Tensor:
-    s = v.sampler
-    if v.family == "jem":  # train_wrn_ebm.py: eval mode, x += lr * grad + std * randn, no clamps
-        f.eval()
-        x_k = x0.clone().requires_grad_(True)
-        for _ in range(s.steps):
-            f_prime = torch.autograd.grad(lse(f, x_k).sum(), [x_k], retain_graph=True)[0]
-            x_k.data += s.step_size * f_prime + s.noise * torch.randn_like(x_k)
-        f.train()
-        return x_k.detach()
-    # train_sadajem.py: train mode (running statistics updated at every step), clamped gradient,
-    # noise, then the image clamp
-    x_k = x0.clone().requires_grad_(True)
-    for _ in range(s.steps):
-        eta = torch.autograd.grad(lse(f, x_k).sum(), [x_k], retain_graph=True)[0]
-        x_k.data = (x_k + torch.clamp(eta, -s.grad_clamp, s.grad_clamp) * s.step_size).data
-        if s.noise > 0:
-            x_k.data += s.noise * torch.randn_like(x_k)
-        x_k.data = torch.clamp(x_k.data, -1, 1)
-    f.train()
-    return x_k.detach()
-
-
-def ref_pyld(f: WideResNet, x0: torch.Tensor, v: Variant) -> torch.Tensor:
-    """train_jempp.py sample_q with sgld_lr = 0: M outer steps in train mode, each one full
-    forward/backward for p = dLSE/d(layer_one_out), then N inner steps through the first layer
-    (the Hamiltonian sum(layer_one(x) * p)), clamped gradient and image; noise after them. (The
-    script's closing ``-H.backward()`` only fills conv1's .grad, which ``optim.zero_grad()``
-    erases before the loss backward.)"""
-    s = v.sampler
-    eps = s.grad_clamp
-    x_k = x0.clone().requires_grad_(True)
-    for _ in range(s.steps):
-        layer_one_out = f.stem(x_k)
-        e_x = f.logits_from_stem(layer_one_out).logsumexp(1).sum()
-        _, p = torch.autograd.grad(e_x, [x_k, layer_one_out], retain_graph=True)
-        p = p.detach()
-        tmp = x_k.data.clone().requires_grad_(True)
-        for _ in range(s.inner_steps):
-            h = (f.stem(tmp) * p).sum()
-            eta_grad = torch.autograd.grad(h, [tmp], only_inputs=True, retain_graph=True)[0]
-            tmp.data = tmp.data + torch.clamp(eta_grad, -eps, eps) * s.inner_step_size
-            tmp = torch.clamp(tmp, -1, 1)
-        x_k.data = tmp.data
-        if s.noise > 0:
-            x_k.data += s.noise * torch.randn_like(x_k)
-    f.train()
-    return x_k.detach()
-
-
-class Reference:
-    """The reference training state: network, optimizer, replay buffer, iteration counter."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        v = self.v = trainer.variant
-        self.f = copy.deepcopy(trainer.model)
-        o = v.optim
-        if o.name == "sgd":
-            self.optim: torch.optim.Optimizer = torch.optim.SGD(self.f.parameters(), lr=o.lr, momentum=o.momentum,
-                                                                weight_decay=o.weight_decay)
-        else:
-            self.optim = torch.optim.Adam(self.f.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.buffer = trainer.buffer.samples.clone() if trainer.buffer is not None else None
-        self.cur_iter = 0
-        self.per_epoch = trainer.iters_per_epoch
-        self.lr = o.lr
-
-    def set_lr(self) -> None:
-        """The scripts: decay at the start of each epoch in decay_epochs, then the warm-up
-        ``lr = args.lr * cur_iter / warmup_iters`` while cur_iter <= warmup_iters."""
-        o = self.v.optim
-        if self.cur_iter % self.per_epoch == 0 and self.cur_iter // self.per_epoch in o.milestones:
-            self.lr *= o.gamma
-        if self.cur_iter <= o.warmup_iters:
-            self.lr = o.lr * self.cur_iter / float(o.warmup_iters)
-        for group in self.optim.param_groups:
-            group["lr"] = self.lr
-
-    def sample_p_0(self, draw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffer rows at the drawn slots, each replaced by a p0 draw where
-        ``rand(bs) < reinit_freq`` (the global generator, as the scripts draw it)."""
-        inds = draw["idx"]
-        bs = len(inds)
-        buffer_samples = self.buffer[inds]
-        torch.set_rng_state(draw["rng"])
-        choose = torch.rand(bs) < self.v.buffer.reinit_freq
-        random_samples = torch.zeros_like(buffer_samples)
-        if draw["fresh"]:
-            random_samples[choose] = draw["fresh"][0]
-        choose_random = choose.float()[:, None, None, None]
-        return choose_random * random_samples + (1 - choose_random) * buffer_samples, inds
-
-    def step(self, x_lab: torch.Tensor, y_lab: torch.Tensor, x_p_d: torch.Tensor | None,
-             draw: dict[str, Any] | None, sampler_rng: torch.Tensor | None) -> torch.Tensor | None:
-        v, f = self.v, self.f
-        self.set_lr()
-        generative = v.objective.generative
-        sam = v.optim.sam != "none"
-        fp = x_q = None
-        # train_jempp.py --plc alltrain1 and train_sadajem.py: f(x_p_d) before the sampler
-        if generative and v.objective.pos_forward == "before_sampler":
-            fp = lse(f, x_p_d).mean()
-        if generative:
-            x0, inds = self.sample_p_0(draw)
-            torch.set_rng_state(sampler_rng)
-            x_q = ref_pyld(f, x0, v) if v.sampler.kind == "pyld" else ref_sgld(f, x0, v)
-            self.buffer[inds] = x_q
-            if fp is None:  # train_wrn_ebm.py: after the sampler
-                fp = lse(f, x_p_d).mean()
-            fq = lse(f, x_q).mean()
-            loss = -(fp - fq) + v.objective.energy_l2 * (fp ** 2 + fq ** 2)
-        else:
-            loss = torch.zeros(())
-        logits = f(x_lab)  # f.classify(x_lab), always last
-        loss = loss + F.cross_entropy(logits, y_lab)
-        self.optim.zero_grad()
-        loss.backward()
-        if sam:  # sam.py: first_step, the second pass with momentum 0, second_step
-            adaptive = v.optim.sam == "asam"
-            params = [p for p in f.parameters() if p.grad is not None]
-            with torch.no_grad():
-                grad_norm = torch.norm(torch.stack([((torch.abs(p) if adaptive else 1.0) * p.grad).norm(p=2)
-                                                    for p in params]), p=2)
-                scale = v.optim.rho / (grad_norm + 1e-12)
-                old = {}
-                for p in params:
-                    old[p] = p.data.clone()
-                    p.add_((torch.pow(p, 2) if adaptive else 1.0) * p.grad * scale)
-            self.optim.zero_grad()
-            bns = [m for m in f.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-            for m in bns:  # disable_running_stats
-                m.backup_momentum, m.momentum = m.momentum, 0
-            loss2 = torch.zeros(())
-            if generative:
-                loss2 = loss2 - (lse(f, x_p_d).mean() - lse(f, x_q).mean())
-            loss2 = loss2 + F.cross_entropy(f(x_lab), y_lab)
-            loss2.backward()
-            for m in bns:  # enable_running_stats
-                m.momentum = m.backup_momentum
-            with torch.no_grad():
-                for p in params:
-                    p.data = old[p]
-            self.optim.step()
-            self.optim.zero_grad()
-        else:
-            self.optim.step()
-        self.cur_iter += 1
-        return x_q
 
 
 # ---- the harness ----------------------------------------------------------------------------------
@@ -256,7 +99,7 @@ def record_draws(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> tuple[lis
     return draws, samples
 
 
-def assert_same_state(trainer: Trainer, ref: Reference, it: int, lr: float, tol: dict[str, float]) -> None:
+def assert_same_state(trainer: Trainer, ref: ReferenceLoop, it: int, lr: float, tol: dict[str, float]) -> None:
     ours, theirs = trainer.model.state_dict(), ref.f.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:  # parameters and every batch-norm buffer (mean, var, num_batches_tracked)
@@ -281,7 +124,7 @@ def run_side_by_side(variant: Variant, data: tuple[torch.Tensor, torch.Tensor],
     images, labels = data
     mixture = compute_mixture_stats([(images, labels)], 4) if variant.buffer.init == "gmm" else None
     trainer = Trainer(variant, images, labels, mixture=mixture, perf=perf)
-    ref = Reference(trainer)
+    ref = ReferenceLoop.from_trainer(trainer)
     draws, samples = record_draws(trainer, monkeypatch)
     for it in range(iterations):
         x_lab, y_lab = trainer.clf_stream.batch(it)
