@@ -15,10 +15,12 @@ to them, so the benchmark needs no download. Timing covers whole training iterat
 (sampler, both SAM passes, optimizer step) after warm-up iterations (compilation included
 there), with the device synchronised around the timed block.
 
-``--compare`` times each variant twice in one process, same seed: the *baseline* (fp32,
-eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer: how the
-reference code runs) and the *fast* paths (bf16 autocast on CUDA, channels_last,
-torch.compile, buffer and data on the device, fused optimizer), and prints the ratio.
+``--compare`` times each variant three times in one process, same seed, network and batches:
+the *reference* loop (the published scripts' iteration, ``jem.reference``), our *baseline*
+(fp32, eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer: how the
+reference code runs) and the *fast* paths (``run.perf: auto``: bf16 autocast on CUDA,
+channels_last, buffer and data on the device, fused optimizer; ``--compile on`` adds
+torch.compile), and prints the ratios.
 
 ``--stages`` projects the wall time of every stage (train per epoch and in all, sample,
 evaluate, fid, robustness) of the first ``--variant`` (default sadajem_k5) at the scale's
@@ -31,11 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from jem.gmm import compute_mixture_stats
 from jem.inception import InceptionUnavailable
 from jem.models import count_flops
 from jem.params import lookup, resolve_variant
+from jem.reference import ReferenceLoop
 from jem.synthetic import make_shapes
 from jem.train import Trainer
 
@@ -104,8 +109,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reference_steps(trainer: Trainer, loop: ReferenceLoop) -> Callable[[], Any]:
+    """``loop``'s iterations on ``trainer``'s batches (CPU-resident under the baseline's data
+    placement, moved to the device by the loop, as the scripts' DataLoader batches are)."""
+    iteration = itertools.count()
+
+    def step() -> None:
+        it = next(iteration)
+        x_lab, y_lab = trainer.clf_stream.batch(it)
+        x_p_d = trainer.px_stream.batch(it)[0] if trainer.px_stream is not None else None
+        loop.step(x_lab, y_lab, x_p_d)
+
+    return step
+
+
 def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, perf: PerfConfig | None = None,
-              n_images: int = 2048, label: str = "") -> dict[str, Any]:
+              n_images: int = 2048, label: str = "", reference: bool = False) -> dict[str, Any]:
+    """Whole training iterations of ``variant``: ``jem.train.Trainer`` with ``perf``, or with
+    ``reference`` the published scripts' loop (``jem.reference``) on the same network, buffer
+    and batches (``perf`` then only places the data: the baseline's CPU memory)."""
     classes = variant.model.num_classes
     x, y = make_shapes(n_images, variant.model.image_size, num_classes=min(classes, 10), seed=0)
     if classes > 10:
@@ -114,19 +136,27 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
                                     classes) if variant.buffer.init == "gmm" else None
     perf = perf or PerfConfig()
     trainer = Trainer(variant, x, y, mixture=mixture, device=device, perf=perf)
+    model, compiled, step = trainer.model, trainer.compiled, trainer.train_step
+    loop = None
+    if reference:  # the published loop on a copy of the same network, buffer and batches
+        loop = ReferenceLoop.from_trainer(trainer)
+        trainer.model.to("cpu")  # only its batch streams are used from here on
+        model, compiled, step = loop.f, "eager (the reference loop)", _reference_steps(trainer, loop)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     start = time.perf_counter()
     for _ in range(warmup):
-        trainer.train_step()
+        step()
     _sync(device)
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step()
+        step()
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
-    flops = iteration_flops(variant, count_flops(trainer.model))
+    flops = iteration_flops(variant, count_flops(model))
     batch = variant.train.batch_size
     row = {
         "variant": variant.name,
@@ -134,7 +164,7 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         "family": variant.family,
         "device": _device_name(device),
         "model": f"WRN-{variant.model.depth}-{variant.model.width}",
-        "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "batch": batch,
         "px_batch": variant.train.px_batch_size,
         "sampler": (f"{variant.sampler.kind} K={variant.sampler.steps}" if variant.sampler.kind == "sgld"
@@ -142,7 +172,7 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         if variant.uses_sampler else "none",
         "sam": variant.optim.sam,
         "perf": dataclasses.asdict(perf),
-        "compiled": trainer.compiled,
+        "compiled": compiled,
         "ms_per_iter": seconds * 1e3,
         "images_per_s": batch / seconds,
         "epoch_min_cifar10": CIFAR10_TRAIN // batch * seconds / 60,
@@ -152,7 +182,7 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         "steps_timed": steps,
         "warmup_s": warmup_s,
     }
-    del trainer
+    del trainer, model, step, loop
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -243,17 +273,21 @@ def _format(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _ratios(rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
-    by = {(r["variant"], r["mode"]): r for r in rows}
-    return [(v, by[(v, "baseline")]["ms_per_iter"] / by[(v, "fast")]["ms_per_iter"])
-            for v, m in by if m == "fast" and (v, "baseline") in by]
+def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant timed in all three modes: the fast paths' speed-up over the reference loop
+    and over our baseline, and the baseline's time relative to the reference loop's."""
+    ms = {(r["variant"], r["mode"]): r["ms_per_iter"] for r in rows}
+    return [{"variant": v, "fast_vs_reference": ms[(v, "reference")] / ms[(v, "fast")],
+             "fast_vs_baseline": ms[(v, "baseline")] / ms[(v, "fast")],
+             "baseline_vs_reference": ms[(v, "baseline")] / ms[(v, "reference")]}
+            for v, m in ms if m == "fast" and (v, "baseline") in ms and (v, "reference") in ms]
 
 
 def markdown_report(rows: list[dict[str, Any]], command: str, fid: dict[str, Any] | None = None,
                     stages: dict[str, Any] | None = None) -> str:
     """``reports/performance.md``: the side-by-side table, the device, the settings, the ratios,
     the FID timing and the stage times when there are some."""
-    lines = ["# Speed: baseline against the fast paths", ""]
+    lines = ["# Speed: the reference loop, our baseline and the fast paths", ""]
     if rows:
         lines += _training_section(rows, command)
     if fid:
@@ -341,8 +375,11 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
         f"{torch.get_num_threads()} CPU threads), {first['steps_timed']} timed iterations after warm-up; "
         f"memory is {first['memory_kind']}.",
         "",
-        "*baseline*: fp32, eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer "
-        "(how the reference code runs). *fast*: " + ", ".join(
+        "*reference*: the published scripts' iteration written plainly (`jem/reference.py`, the loop "
+        "`tests/test_parity.py` matches ours against): fp32, eager, replay buffer in CPU memory mixed with "
+        "a full batch of p0 draws, one network call per PYLD inner step, SAM's perturb and restore parameter "
+        "by parameter, `torch.optim` defaults. *baseline*: our trainer as the reference code runs: fp32, eager, "
+        "contiguous layout, replay buffer and data in CPU memory, plain optimizer. *fast*: " + ", ".join(
             f"{k} {v}" for k, v in next(r for r in rows if r["mode"] == "fast")["perf"].items())
         + f" ({next(r for r in rows if r['mode'] == 'fast')['compiled']}).",
         "",
@@ -354,8 +391,11 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
                      f"{r['sam']} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.1f} | {r['epoch_min_cifar10']:.2f} | "
                      f"{r['tflops']:.3f} | {r['peak_memory_mb']:.0f} |")
     lines += ["", "\\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled batch x ms/iter.", "",
-              "Speed-up of the fast paths (baseline ms/iter / fast ms/iter):", ""]
-    lines += [f"- {v}: **{ratio:.2f}x**" for v, ratio in _ratios(rows)]
+              "Speed-ups (ratios of ms/iter): the fast paths over the reference loop and over our baseline, and "
+              "our baseline's time relative to the reference loop's (1.00: the same speed):", "",
+              "| variant | fast vs reference | fast vs baseline | baseline / reference |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | **{r['fast_vs_reference']:.2f}x** | {r['fast_vs_baseline']:.2f}x | "
+              f"{r['baseline_vs_reference']:.3f} |" for r in _ratios(rows)]
     return [*lines, ""]
 
 
@@ -372,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
-    ap.add_argument("--compare", action="store_true", help="baseline and fast paths side by side")
+    ap.add_argument("--compare", action="store_true",
+                    help="the reference scripts' loop, our baseline and the fast paths side by side")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile in the fast mode: on, or auto/off = as run.perf: auto (off)")
     ap.add_argument("--report", type=Path, help="write the side-by-side table as Markdown (with --compare)")
@@ -418,19 +459,24 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        modes = ([("baseline", baseline_perf()), ("fast", fast_perf(device, args.compile))] if args.compare
+        modes = ([("reference", baseline_perf()), ("baseline", baseline_perf()),
+                  ("fast", fast_perf(device, args.compile))] if args.compare
                  else [("auto", fast_perf(device, args.compile))])
         for label, perf in modes:
+            how = "the reference scripts' loop (jem.reference)" if label == "reference" else \
+                f"run.perf: {_describe(perf)}"
             print(f"[bench] {name} ({label}): WRN-{variant.model.depth}-{variant.model.width}, batch "
-                  f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device}; run.perf: "
-                  f"{_describe(perf)} ...", flush=True)
-            rows.append(benchmark(variant, device, args.steps, args.warmup, perf=perf, label=label))
+                  f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device}; {how} ...", flush=True)
+            rows.append(benchmark(variant, device, args.steps, args.warmup, perf=perf, label=label,
+                                  reference=label == "reference"))
     if rows:
         print(f"\ndevice: {rows[0]['device']}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
               f"scale {scale}  memory: {rows[0]['memory_kind']}")
         print(_format(rows))
-        for v, ratio in _ratios(rows):
-            print(f"{v}: fast / baseline speed-up {ratio:.2f}x")
+        for r in _ratios(rows):
+            print(f"{r['variant']}: fast {r['fast_vs_reference']:.2f}x the reference loop's speed, "
+                  f"{r['fast_vs_baseline']:.2f}x the baseline's; baseline / reference time "
+                  f"{r['baseline_vs_reference']:.3f}")
     fid = None
     if args.fid:
         print(f"[bench] FID of {args.fid} samples on {device} ...", flush=True)

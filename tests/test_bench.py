@@ -18,14 +18,52 @@ def test_side_by_side_training_rows_and_report(tmp_path):
                "--warmup", "0", "--compare", "--compile", "off", "--report", str(report), "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())
-    assert [r["mode"] for r in rows] == ["baseline", "fast"]
+    assert [r["mode"] for r in rows] == ["reference", "baseline", "fast"]
     for r in rows:
-        assert r["batch"] == 4 and r["ms_per_iter"] > 0
+        assert r["batch"] == 4 and r["ms_per_iter"] > 0 and r["params_m"] == rows[0]["params_m"]
         assert abs(r["images_per_s"] - 4 / (r["ms_per_iter"] / 1e3)) < 1e-6 * r["images_per_s"]
-    assert rows[0]["perf"]["channels_last"] is False and rows[1]["perf"]["channels_last"] is True
+    assert rows[0]["compiled"] == "eager (the reference loop)"
+    assert rows[1]["perf"]["channels_last"] is False and rows[2]["perf"]["channels_last"] is True
     text = report.read_text()
     assert "## Training" in text and "| softmax | baseline |" in text and "| softmax | fast |" in text
-    assert "- softmax: **" in text and "## FID" not in text
+    ms = {r["mode"]: r["ms_per_iter"] for r in rows}
+    ratios = (ms["reference"] / ms["fast"], ms["baseline"] / ms["fast"], ms["baseline"] / ms["reference"])
+    assert f"| softmax | **{ratios[0]:.2f}x** | {ratios[1]:.2f}x | {ratios[2]:.3f} |" in text
+    assert "| softmax | reference |" in text and "## FID" not in text
+
+
+@pytest.mark.parametrize("variant", ["jem_k20", "jempp_m10", "sadajem_k5"])
+def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monkeypatch):
+    """The reference row trains the copy the reference loop holds: its weights, buffer rows and
+    learning-rate schedule move, while the trainer that lent its network and batches stays put."""
+    import yaml
+
+    import jem.bench
+    from jem.params import resolve_variant
+    from jem.reference import ReferenceLoop
+
+    params = yaml.safe_load(Path(PARAMS).read_text())
+    d = resolve_variant(params, variant, "demo").to_dict()
+    d["model"].update(depth=10, width=1)
+    d["train"].update(batch_size=4, px_batch_size=4)
+    seen: dict[str, object] = {}
+    real_init = ReferenceLoop.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["loop"] = self
+        seen["start"] = {k: t.clone() for k, t in self.f.state_dict().items()}
+        seen["buffer"] = self.buffer.clone()
+
+    monkeypatch.setattr(ReferenceLoop, "__init__", spy)
+    row = jem.bench.benchmark(jem.bench.Variant.from_dict(d), jem.bench.torch.device("cpu"), steps=2, warmup=1,
+                              perf=jem.bench.baseline_perf(), n_images=64, label="reference", reference=True)
+    loop = seen["loop"]
+    assert row["mode"] == "reference" and row["ms_per_iter"] > 0 and loop.cur_iter == 3
+    moved = [k for k, t in loop.f.state_dict().items() if not jem.bench.torch.equal(t, seen["start"][k])]
+    assert "head.weight" in moved and "stem.weight" in moved
+    assert all(k in moved for k in seen["start"] if k.endswith("running_mean"))  # where the family has BN
+    assert not jem.bench.torch.equal(loop.buffer, seen["buffer"])  # the chains were written back
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:invalid value encountered")  # 6 samples, 2048 dims
