@@ -13,7 +13,8 @@ model and the labelled batch (the p(x) batch keeps its ratio to it). Data are pr
 32x32 images (``jem.synthetic``), and the mixture for informative initialisation is fitted
 to them, so the benchmark needs no download. Timing covers whole training iterations
 (sampler, both SAM passes, optimizer step) after warm-up iterations (compilation included
-there), with the device synchronised around the timed block.
+there); each timed iteration is timed on its own (CUDA events between iterations on a GPU,
+the clock on a CPU) and the median is reported, with the interquartile range as the spread.
 
 ``--compare`` times each variant three times in one process, same seed, network and batches:
 the *reference* loop (the published scripts' iteration, ``jem.reference``), our *baseline*
@@ -37,6 +38,7 @@ import itertools
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -109,6 +111,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def iteration_times(step: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step``. On CUDA from events recorded between the
+    iterations (no synchronisation inside the timed block, so the host may run ahead as in
+    training; in steady state the gap between two events is one iteration's wall time); on a
+    CPU from the clock around each call. ``jem-bench`` reports the median, which one
+    disturbed iteration on a shared machine does not move."""
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            step()
+            events[i + 1].record()
+        torch.cuda.synchronize(device)
+        return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def _reference_steps(trainer: Trainer, loop: ReferenceLoop) -> Callable[[], Any]:
     """``loop``'s iterations on ``trainer``'s batches (CPU-resident under the baseline's data
     placement, moved to the device by the loop, as the scripts' DataLoader batches are)."""
@@ -151,11 +175,9 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    times = iteration_times(step, steps, device)
+    seconds = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if steps > 1 else (seconds, seconds, seconds)
     flops = iteration_flops(variant, count_flops(model))
     batch = variant.train.batch_size
     row = {
@@ -173,7 +195,10 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         "sam": variant.optim.sam,
         "perf": dataclasses.asdict(perf),
         "compiled": compiled,
-        "ms_per_iter": seconds * 1e3,
+        "ms_per_iter": seconds * 1e3,  # median over the timed iterations
+        "ms_per_iter_mean": sum(times) / len(times) * 1e3,
+        "ms_quartiles": [q1 * 1e3, q3 * 1e3],
+        "spread_pct": 100 * (q3 - q1) / seconds,  # interquartile range / median
         "images_per_s": batch / seconds,
         "epoch_min_cifar10": CIFAR10_TRAIN // batch * seconds / 60,
         "tflops": flops / seconds / 1e12,
@@ -261,15 +286,17 @@ def _format_fid(r: dict[str, Any]) -> str:
 
 
 def _format(rows: list[dict[str, Any]]) -> str:
-    head = ("variant", "mode", "model", "batch", "sampler", "sam", "ms/iter", "img/s", "min/epoch*", "TFLOP/s",
-            "peak MB")
+    head = ("variant", "mode", "model", "batch", "sampler", "sam", "ms/iter", "IQR %", "img/s", "min/epoch*",
+            "TFLOP/s", "peak MB")
     lines = ["  ".join(f"{h:>12}" for h in head)]
     for r in rows:
         cells = (r["variant"], r["mode"], r["model"], f"{r['batch']}/{r['px_batch']}", r["sampler"], r["sam"],
-                 f"{r['ms_per_iter']:.1f}", f"{r['images_per_s']:.1f}", f"{r['epoch_min_cifar10']:.2f}",
+                 f"{r['ms_per_iter']:.1f}", f"{r['spread_pct']:.1f}", f"{r['images_per_s']:.1f}",
+                 f"{r['epoch_min_cifar10']:.2f}",
                  f"{r['tflops']:.3f}", f"{r['peak_memory_mb']:.0f}")
         lines.append("  ".join(f"{c:>12}" for c in cells))
-    lines.append("* projected minutes per CIFAR-10 epoch (50,000 images / labelled batch x ms/iter)")
+    lines.append("ms/iter: median of the timed iterations; IQR %: interquartile range / median; "
+                 "* projected minutes per CIFAR-10 epoch (50,000 images / labelled batch x ms/iter)")
     return "\n".join(lines)
 
 
@@ -383,14 +410,18 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
             f"{k} {v}" for k, v in next(r for r in rows if r["mode"] == "fast")["perf"].items())
         + f" ({next(r for r in rows if r['mode'] == 'fast')['compiled']}).",
         "",
-        "| variant | mode | model | batch / p(x) | sampler | SAM | ms/iter | img/s | min/epoch* | TFLOP/s | peak MB |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| variant | mode | model | batch / p(x) | sampler | SAM | ms/iter | IQR % | img/s | min/epoch* | TFLOP/s "
+        "| peak MB |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['mode']} | {r['model']} | {r['batch']}/{r['px_batch']} | {r['sampler']} | "
-                     f"{r['sam']} | {r['ms_per_iter']:.1f} | {r['images_per_s']:.1f} | {r['epoch_min_cifar10']:.2f} | "
+                     f"{r['sam']} | {r['ms_per_iter']:.1f} | {r['spread_pct']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['epoch_min_cifar10']:.2f} | "
                      f"{r['tflops']:.3f} | {r['peak_memory_mb']:.0f} |")
-    lines += ["", "\\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled batch x ms/iter.", "",
+    lines += ["", "ms/iter: the median of the timed iterations; IQR %: their interquartile range over the median "
+              "(how steady the machine was). \\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled "
+              "batch x ms/iter.", "",
               "Speed-ups (ratios of ms/iter): the fast paths over the reference loop and over our baseline, and "
               "our baseline's time relative to the reference loop's (1.00: the same speed):", "",
               "| variant | fast vs reference | fast vs baseline | baseline / reference |", "|---|---:|---:|---:|"]

@@ -32,20 +32,26 @@ def test_side_by_side_training_rows_and_report(tmp_path):
     assert "| softmax | reference |" in text and "## FID" not in text
 
 
+def _tiny(name: str):
+    """``name`` at the demo scale on a WRN-10-1 with batches of 4."""
+    import yaml
+
+    from jem.config import Variant
+    from jem.params import resolve_variant
+
+    d = resolve_variant(yaml.safe_load(Path(PARAMS).read_text()), name, "demo").to_dict()
+    d["model"].update(depth=10, width=1)
+    d["train"].update(batch_size=4, px_batch_size=4)
+    return Variant.from_dict(d)
+
+
 @pytest.mark.parametrize("variant", ["jem_k20", "jempp_m10", "sadajem_k5"])
 def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monkeypatch):
     """The reference row trains the copy the reference loop holds: its weights, buffer rows and
     learning-rate schedule move, while the trainer that lent its network and batches stays put."""
-    import yaml
-
     import jem.bench
-    from jem.params import resolve_variant
     from jem.reference import ReferenceLoop
 
-    params = yaml.safe_load(Path(PARAMS).read_text())
-    d = resolve_variant(params, variant, "demo").to_dict()
-    d["model"].update(depth=10, width=1)
-    d["train"].update(batch_size=4, px_batch_size=4)
     seen: dict[str, object] = {}
     real_init = ReferenceLoop.__init__
 
@@ -56,7 +62,7 @@ def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monke
         seen["buffer"] = self.buffer.clone()
 
     monkeypatch.setattr(ReferenceLoop, "__init__", spy)
-    row = jem.bench.benchmark(jem.bench.Variant.from_dict(d), jem.bench.torch.device("cpu"), steps=2, warmup=1,
+    row = jem.bench.benchmark(_tiny(variant), jem.bench.torch.device("cpu"), steps=2, warmup=1,
                               perf=jem.bench.baseline_perf(), n_images=64, label="reference", reference=True)
     loop = seen["loop"]
     assert row["mode"] == "reference" and row["ms_per_iter"] > 0 and loop.cur_iter == 3
@@ -151,3 +157,24 @@ def test_stage_times_measured_on_this_machine(tmp_path):
     text = markdown_report([], "jem-bench --stages", None, st)
     assert "## Stage times at the demo scale: sadajem_k5" in text and "| robustness | PGD: " in text
     assert "### Table X" in text and "| softmax |" in text and "Stages that take longer than training:" in text
+
+
+def test_iterations_are_timed_one_by_one_and_summarised_by_the_median(monkeypatch):
+    """One disturbed iteration (a shared machine) moves the mean, not the reported median."""
+    import jem.bench
+
+    clock = [0.0]
+    durations = iter([0.10, 0.11, 0.09, 0.10, 1.50])  # seconds; the last one disturbed
+    monkeypatch.setattr(jem.bench.time, "perf_counter", lambda: clock[0])
+
+    def step() -> None:
+        clock[0] += next(durations)
+
+    times = jem.bench.iteration_times(step, 5, jem.bench.torch.device("cpu"))
+    assert times == pytest.approx([0.10, 0.11, 0.09, 0.10, 1.50])
+    monkeypatch.setattr(jem.bench, "iteration_times", lambda step, steps, device: times)
+    row = jem.bench.benchmark(_tiny("softmax"), jem.bench.torch.device("cpu"), steps=5, warmup=0, n_images=64)
+    assert row["ms_per_iter"] == pytest.approx(100.0) and row["ms_per_iter_mean"] == pytest.approx(380.0)
+    assert row["ms_quartiles"] == pytest.approx([95.0, 805.0])  # statistics.quantiles' default method
+    assert row["spread_pct"] == pytest.approx(710.0)
+    assert row["images_per_s"] == pytest.approx(4 / 0.1)
