@@ -67,11 +67,23 @@ def baseline_perf() -> PerfConfig:
     return PerfConfig(buffer_device="cpu", data_device="cpu")
 
 
-def fast_perf(device: torch.device, compile: str = "auto") -> PerfConfig:
+def fast_perf(device: torch.device, compile: str = "auto", overrides: list[str] | None = None) -> PerfConfig:
     """``run.perf: auto`` for ``device`` (``jem.config.resolve_perf``); ``compile='on'`` adds
-    torch.compile, which is not part of ``auto`` until it is measured faster on a GPU."""
+    torch.compile, which is not part of ``auto`` until it is measured faster on a GPU;
+    ``overrides`` (``--perf KEY=VALUE``) set any other switch, e.g. ``grouped_passes=true``."""
     perf, _ = resolve_perf("auto", device)
-    return dataclasses.replace(perf, compile=compile == "on")
+    perf = dataclasses.replace(perf, compile=compile == "on")
+    fields = {f.name for f in dataclasses.fields(PerfConfig)}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--perf {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        parsed = yaml.safe_load(value)
+        if isinstance(getattr(perf, key), bool) and not isinstance(parsed, bool):
+            raise ConfigError(f"--perf {item!r}: {key} takes true or false")
+        perf = dataclasses.replace(perf, **{key: parsed})
+    perf.validate("--perf")
+    return perf
 
 
 def iteration_flops(variant: Variant, flops_per_image: int) -> float:
@@ -447,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the reference scripts' loop, our baseline and the fast paths side by side")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile in the fast mode: on, or auto/off = as run.perf: auto (off)")
+    ap.add_argument("--perf", action="append", metavar="KEY=VALUE",
+                    help="set a run.perf switch of the fast mode (repeatable), e.g. grouped_passes=true")
     ap.add_argument("--report", type=Path, help="write the side-by-side table as Markdown (with --compare)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--fid", type=int, metavar="N", help="also time IS/FID of N samples (the fid stage's work)")
@@ -483,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot read --params {args.params}: {exc.strerror}", file=sys.stderr)
         return 2
+    try:
+        fast = fast_perf(device, args.compile, args.perf)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     rows = []
     for name in [] if args.skip_train else args.variant or DEFAULT_VARIANTS:
         try:
@@ -490,9 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        modes = ([("reference", baseline_perf()), ("baseline", baseline_perf()),
-                  ("fast", fast_perf(device, args.compile))] if args.compare
-                 else [("auto", fast_perf(device, args.compile))])
+        modes = ([("reference", baseline_perf()), ("baseline", baseline_perf()), ("fast", fast)] if args.compare
+                 else [("auto" if fast == fast_perf(device) else "fast", fast)])
         for label, perf in modes:
             how = "the reference scripts' loop (jem.reference)" if label == "reference" else \
                 f"run.perf: {_describe(perf)}"
@@ -568,7 +586,7 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         table = lookup(published, args.table, str(args.published))
         title = table.get("title", args.table)
         names += [r["variant"] for r in table.get("rows", []) if r["variant"] not in names]
-    perf = fast_perf(device, args.compile)
+    perf = fast_perf(device, args.compile, args.perf)  # validated in main
     timed = {r["variant"]: r for r in rows if r["perf"] == dataclasses.asdict(perf)}
     inception = fid or benchmark_fid(device, 2000 if device.type == "cuda" else 64, args.fid_batch,
                                      channels_last=device.type == "cuda", weights=args.inception_weights)

@@ -15,7 +15,8 @@ PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 def test_side_by_side_training_rows_and_report(tmp_path):
     report, out = tmp_path / "performance.md", tmp_path / "bench.json"
     rc = main(["--params", PARAMS, "--variant", "softmax", "--device", "cpu", "--batch", "4", "--steps", "1",
-               "--warmup", "0", "--compare", "--compile", "off", "--report", str(report), "--json", str(out)])
+               "--warmup", "0", "--compare", "--compile", "off", "--perf", "grouped_passes=true",
+               "--report", str(report), "--json", str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["reference", "baseline", "fast"]
@@ -24,6 +25,7 @@ def test_side_by_side_training_rows_and_report(tmp_path):
         assert abs(r["images_per_s"] - 4 / (r["ms_per_iter"] / 1e3)) < 1e-6 * r["images_per_s"]
     assert rows[0]["compiled"] == "eager (the reference loop)"
     assert rows[1]["perf"]["channels_last"] is False and rows[2]["perf"]["channels_last"] is True
+    assert [r["perf"]["grouped_passes"] for r in rows] == [False, False, True]  # --perf sets the fast mode's
     text = report.read_text()
     assert "## Training" in text and "| softmax | baseline |" in text and "| softmax | fast |" in text
     ms = {r["mode"]: r["ms_per_iter"] for r in rows}
@@ -93,6 +95,12 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert "add --fid N" in capsys.readouterr().err
     assert main(["--params", PARAMS, "--skip-train", "--fid", "1"]) == 2
     assert "at least 2 samples" in capsys.readouterr().err
+    for bad, why in (("grouped=true", "KEY one of buffer_device, channels_last"),
+                     ("grouped_passes=2", "grouped_passes takes true or false"),
+                     ("precision=fp16", "--perf.precision = 'fp16'")):
+        assert main(["--params", PARAMS, "--device", "cpu", "--perf", bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
     assert main(["--params", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read --params" in capsys.readouterr().err
     assert main(["--params", PARAMS, "--variant", "no_such_variant", "--device", "cpu"]) == 2
