@@ -416,9 +416,10 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
         "",
         "*reference*: the published scripts' iteration written plainly (`jem/reference.py`, the loop "
         "`tests/test_parity.py` matches ours against): fp32, eager, replay buffer in CPU memory mixed with "
-        "a full batch of p0 draws, one network call per PYLD inner step, SAM's perturb and restore parameter "
-        "by parameter, `torch.optim` defaults. *baseline*: our trainer as the reference code runs: fp32, eager, "
-        "contiguous layout, replay buffer and data in CPU memory, plain optimizer. *fast*: " + ", ".join(
+        "a full batch of p0 draws, a first-layer forward and backward per PYLD inner step, SAM's perturb and "
+        "restore parameter by parameter, `torch.optim` defaults. *baseline*: our trainer as the reference code "
+        "runs: fp32, eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer. "
+        "*fast*: " + ", ".join(
             f"{k} {v}" for k, v in next(r for r in rows if r["mode"] == "fast")["perf"].items())
         + f" ({next(r for r in rows if r['mode'] == 'fast')['compiled']}).",
         "",

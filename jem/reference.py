@@ -5,8 +5,9 @@ sndnyang/SADAJEM ``train_sadajem.py``; the softmax baselines as those scripts ru
 p(x) term off. ``ReferenceLoop.step`` does what one iteration of those scripts does, in their
 order and with their own idioms: the replay buffer in CPU memory (rows gathered, mixed with a
 full batch of p0 draws, moved to the device, written back), its own sampler loop (``x.data +=``
-updates, one network call per PYLD inner step), the loss of separate forwards, SAM's perturb
-and restore parameter by parameter, a plain ``torch.optim`` optimizer in fp32, eager.
+updates, a first-layer forward and backward per PYLD inner step), the loss of separate
+forwards, SAM's perturb and restore parameter by parameter, a plain ``torch.optim`` optimizer
+in fp32, eager.
 
 Two users: ``tests/test_parity.py`` runs it side by side with ``jem.train.Trainer`` (feeding
 it our buffer slots and random states, ``draw=``/``sampler_rng=``) and compares every state;
