@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import yaml
 
-from jem.config import ConfigError, PerfConfig, Variant, _describe, resolve_perf
+from jem.config import ConfigError, PerfConfig, Variant, _build, _describe, resolve_perf
 from jem.gmm import compute_mixture_stats
 from jem.inception import InceptionUnavailable
 from jem.models import count_flops
@@ -72,16 +72,13 @@ def fast_perf(device: torch.device, compile: str = "auto", overrides: list[str] 
     torch.compile, which is not part of ``auto`` until it is measured faster on a GPU;
     ``overrides`` (``--perf KEY=VALUE``) set any other switch, e.g. ``grouped_passes=true``."""
     perf, _ = resolve_perf("auto", device)
-    perf = dataclasses.replace(perf, compile=compile == "on")
-    fields = {f.name for f in dataclasses.fields(PerfConfig)}
+    switches = {**dataclasses.asdict(perf), "compile": compile == "on"}
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ConfigError(f"--perf {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
-        parsed = yaml.safe_load(value)
-        if isinstance(getattr(perf, key), bool) and not isinstance(parsed, bool):
-            raise ConfigError(f"--perf {item!r}: {key} takes true or false")
-        perf = dataclasses.replace(perf, **{key: parsed})
+        if not sep:
+            raise ConfigError(f"--perf {item!r}: expected KEY=VALUE, e.g. grouped_passes=true")
+        switches[key] = yaml.safe_load(value)
+    perf = _build(PerfConfig, switches, "--perf")  # run.perf's own checks: known keys, types
     perf.validate("--perf")
     return perf
 
@@ -540,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = None
     if args.stages:
         try:
-            stages = _stage_times(params, scale, device, args, fid, rows)
+            stages = _stage_times(params, scale, device, args, fast, fid, rows)
         except (ConfigError, InceptionUnavailable, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -570,10 +567,10 @@ def _variant(params: dict[str, Any], name: str, scale: str, args: argparse.Names
 
 
 def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args: argparse.Namespace,
-                 fid: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``--stages``: units measured on the device, projected to the scale's stage counts. A
-    variant already timed in ``rows`` with the same ``run.perf`` (--compare's fast row) is not
-    timed again."""
+                 perf: PerfConfig, fid: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--stages``: units measured on the device with ``perf`` (the fast mode), projected to the
+    scale's stage counts. A variant already timed in ``rows`` with the same ``run.perf``
+    (--compare's fast row) is not timed again."""
     from jem.params import stage_section
     from jem.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
 
@@ -587,8 +584,7 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         table = lookup(published, args.table, str(args.published))
         title = table.get("title", args.table)
         names += [r["variant"] for r in table.get("rows", []) if r["variant"] not in names]
-    perf = fast_perf(device, args.compile, args.perf)  # validated in main
-    timed = {r["variant"]: r for r in rows if r["perf"] == dataclasses.asdict(perf)}
+    timed = {r["variant"]: r for r in rows if r["mode"] != "reference" and r["perf"] == dataclasses.asdict(perf)}
     inception = fid or benchmark_fid(device, 2000 if device.type == "cuda" else 64, args.fid_batch,
                                      channels_last=device.type == "cuda", weights=args.inception_weights)
     shared: dict[str, float] | None = None

@@ -49,8 +49,8 @@ def _tiny(name: str):
 
 @pytest.mark.parametrize("variant", ["jem_k20", "jempp_m10", "sadajem_k5"])
 def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monkeypatch):
-    """The reference row trains the copy the reference loop holds: its weights, buffer rows and
-    learning-rate schedule move, while the trainer that lent its network and batches stays put."""
+    """The reference row trains the copy the reference loop holds: over the warm-up and timed
+    iterations its weights, running statistics and replay-buffer rows all move."""
     import jem.bench
     from jem.reference import ReferenceLoop
 
@@ -95,9 +95,10 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert "add --fid N" in capsys.readouterr().err
     assert main(["--params", PARAMS, "--skip-train", "--fid", "1"]) == 2
     assert "at least 2 samples" in capsys.readouterr().err
-    for bad, why in (("grouped=true", "KEY one of buffer_device, channels_last"),
-                     ("grouped_passes=2", "grouped_passes takes true or false"),
-                     ("precision=fp16", "--perf.precision = 'fp16'")):
+    for bad, why in (("grouped=true", "--perf.grouped: unknown key (did you mean 'grouped_passes'?)"),
+                     ("grouped_passes=2", "--perf.grouped_passes = 2: expected true or false"),
+                     ("precision=fp16", "--perf.precision = 'fp16'"),
+                     ("grouped_passes", "--perf 'grouped_passes': expected KEY=VALUE")):
         assert main(["--params", PARAMS, "--device", "cpu", "--perf", bad]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1, err
