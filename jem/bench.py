@@ -226,8 +226,8 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
 def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, channels_last: bool = False,
                   weights: str | None = None) -> dict[str, Any]:
     """Time what the ``fid`` stage does for ``n_images`` samples: Inception pool features and
-    logits (fp32, batched on ``device``), their mean and covariance, IS, and the Frechet
-    distance to cached reference statistics.
+    logits (fp32, batched on ``device``), their mean and covariance (float64, on the GPU when
+    ``device`` is one), IS, and the Frechet distance to cached reference statistics.
 
     Without ``weights`` the network has pytorch-fid's architecture with random weights: the
     same arithmetic, so the same time, but the scores themselves mean nothing.
@@ -260,13 +260,15 @@ def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, ch
     feats, logits = inception_outputs(model, images, batch_size, device, progress=False, channels_last=channels_last)
     _sync(device)
     t_features = time.perf_counter() - start
-    reference = feature_stats(feats[: max(2, n_images // 2)])  # the pipeline loads cached statistics
+    stats_device = device if device.type == "cuda" else None  # as the stage: the GPU, else numpy
+    reference = feature_stats(feats[: max(2, n_images // 2)], stats_device)  # the stage loads cached ones
+    _sync(device)
     start = time.perf_counter()
-    stats = feature_stats(feats)
+    stats = feature_stats(feats, stats_device)
     inception_score(logits, splits=min(10, n_images))
     t_stats = time.perf_counter() - start
     start = time.perf_counter()
-    frechet_distance(stats, reference)
+    frechet_distance(stats, reference, device=stats_device or "cpu")
     t_frechet = time.perf_counter() - start
     per_image = (t_features + t_stats) / n_images  # features, covariance and IS grow with n; sqrtm does not
     return {

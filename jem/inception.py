@@ -17,7 +17,8 @@ the metric as unavailable; nothing here ever invents a number.
 * FID: ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)`` over pool features, in float64 on the
   device from the eigenvalues of ``S1^1/2 S2 S1^1/2`` (``frechet_distance``; tested against
   pytorch-fid's ``calculate_frechet_distance``, which uses scipy's ``sqrtm``); statistics are
-  the mean and the unbiased covariance (``np.cov``), as pytorch-fid computes them.
+  the mean and the unbiased covariance (``np.cov``), as pytorch-fid computes them, on the
+  device too (``feature_stats``; tested against ``np.cov``).
 * IS: ``exp(E_x KL(p(y|x) || p(y)))`` over the softmax of the unbiased logits, per split;
   mean and standard deviation over the splits. The reference scripts use
   ``max(1, n // 5000)`` splits (``reference_is_splits``): 2 for a 10,000-image buffer, 1 for
@@ -221,10 +222,29 @@ class GaussianStats:
         return stats
 
 
-def feature_stats(features: np.ndarray) -> GaussianStats:
+def _stats_device(device: torch.device | str | None) -> torch.device | None:
+    """``device``, else the GPU when there is one; None: numpy on the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def feature_stats(features: np.ndarray, device: torch.device | str | None = None) -> GaussianStats:
+    """Mean and unbiased covariance of ``features`` (N x d) in float64, as pytorch-fid computes
+    them (``np.cov(rowvar=False)``: centre on the mean, ``X^T X / (N - 1)``). On ``device`` (by
+    default the GPU when there is one) that is one float64 matrix product there instead of
+    numpy's on the CPU (50,000 x 2048 features: seconds on a CPU); equal within float64
+    rounding. Without a GPU and without ``device``, numpy's own ``np.cov``."""
     if len(features) < 2:
         raise InputError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
-    return GaussianStats(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features))
+    dev = _stats_device(device)
+    if dev is None:
+        return GaussianStats(mu=features.mean(0), sigma=np.cov(features, rowvar=False), n=len(features))
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64, device=dev)
+    mu = x.mean(0)
+    x = x - mu
+    sigma = (x.T @ x) / (len(x) - 1)
+    return GaussianStats(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=len(features))
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats, device: torch.device | str | None = None) -> float:
@@ -235,7 +255,7 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, device: torch.device | 
     rounding, and never complex: tiny negative eigenvalues of a singular product clamp to 0)."""
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape} vs {b.mu.shape}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _stats_device(device) or torch.device("cpu")
 
     def t(x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)

@@ -12,6 +12,7 @@ from torch import nn
 
 from jem.config import AugmentConfig, ModelConfig
 from jem.data import augment
+from jem.errors import InputError
 from jem.inception import GaussianStats, feature_stats, frechet_distance, inception_score
 from jem.landscape import energy_curve, energy_sum, filter_normalized_direction
 from jem.metrics import calibration, with_reestimated_bn
@@ -151,6 +152,21 @@ def test_frechet_distance_on_the_device_equals_pytorch_fids_scipy_computation(ra
     sa, sb = feature_stats(a), feature_stats(b)
     expected = calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
     assert frechet_distance(sa, sb, device="cpu") == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 257])
+def test_feature_stats_on_the_device_equal_numpys_cov(n):
+    """The path that runs on a GPU (float64 matrix product in torch) against pytorch-fid's
+    ``np.mean``/``np.cov``; the caller's array is left as it was."""
+    feats = np.random.default_rng(n).normal(size=(n, 48)) * np.linspace(0.1, 3.0, 48) + 5.0
+    before = feats.copy()
+    torch_stats = feature_stats(feats, device="cpu")
+    assert np.array_equal(feats, before)
+    assert torch_stats.n == n and torch_stats.mu.dtype == torch_stats.sigma.dtype == np.float64
+    np.testing.assert_allclose(torch_stats.mu, feats.mean(0), rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(torch_stats.sigma, np.cov(feats, rowvar=False), rtol=1e-11, atol=1e-11)
+    with pytest.raises(InputError, match="at least 2 feature vectors"):
+        feature_stats(feats[:1], device="cpu")
 
 
 def test_frechet_distance_of_gaussians_with_a_closed_form():
