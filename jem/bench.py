@@ -260,12 +260,12 @@ def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, ch
     feats, logits = inception_outputs(model, images, batch_size, device, progress=False, channels_last=channels_last)
     _sync(device)
     t_features = time.perf_counter() - start
-    stats_device = device if device.type == "cuda" else None  # as the stage: the GPU, else numpy
+    stats_device = device if device.type == "cuda" else None  # as the stage: the GPU, else the CPU
     reference = feature_stats(feats[: max(2, n_images // 2)], stats_device)  # the stage loads cached ones
     _sync(device)
     start = time.perf_counter()
     stats = feature_stats(feats, stats_device)
-    inception_score(logits, splits=min(10, n_images))
+    inception_score(logits, splits=min(10, n_images), device=stats_device or "cpu")
     t_stats = time.perf_counter() - start
     start = time.perf_counter()
     frechet_distance(stats, reference, device=stats_device or "cpu")

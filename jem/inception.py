@@ -28,6 +28,7 @@ the metric as unavailable; nothing here ever invents a number.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,19 +275,25 @@ def reference_is_splits(n: int) -> int:
     return max(1, n // 5000)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """IS mean and standard deviation over ``splits`` equal parts of the samples (unbiased logits)."""
+def inception_score(logits: np.ndarray, splits: int = 10,
+                    device: torch.device | str | None = None) -> tuple[float, float]:
+    """IS mean and standard deviation over ``splits`` equal parts of the samples (unbiased logits):
+    ``exp(mean_x KL(p(y|x) || p(y)))`` per part, ``p(y)`` the part's mean of ``p(y|x)``, in
+    float64 with log-domain sums (finite when a probability underflows), on ``device`` (by
+    default the GPU when there is one; torch's vectorised kernels on a CPU: 50,000 x 1008
+    logits in a fraction of a second, where numpy's ``logaddexp.reduce`` took seconds)."""
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) < splits:
         raise InputError(f"need at least {splits} samples for {splits} splits, got {len(logits)}")
-    log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)  # log softmax
+    dev = _stats_device(device) or torch.device("cpu")
+    log_p = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64, device=dev), dim=1)
     scores = []
-    for part in np.array_split(log_p, splits):
-        p = np.exp(part)
-        log_py = np.logaddexp.reduce(part, axis=0) - np.log(len(part))  # log mean p(y|x), finite when p underflows
-        kl = (p * (part - log_py[None])).sum(1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores)), float(np.std(scores))
+    for part in torch.tensor_split(log_p, splits):  # np.array_split's parts: the first n % splits one longer
+        log_py = torch.logsumexp(part, dim=0) - math.log(len(part))  # log p(y)
+        kl = (part.exp() * (part - log_py)).sum(1).mean()
+        scores.append(kl.exp())
+    s = torch.stack(scores)
+    return float(s.mean()), float(s.std(correction=0))
 
 
 # ---- which samples are scored: the papers' protocols --------------------------------------------

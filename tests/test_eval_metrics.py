@@ -200,15 +200,21 @@ def test_inception_score_on_synthetic_logits():
     confident[np.arange(80), np.arange(80) % k] = 50.0
     mean, std = inception_score(confident, splits=10)
     assert mean == pytest.approx(k, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
-    # random logits against the definition computed with scipy's entropy per split
+
+
+@pytest.mark.parametrize("n,splits,scale", [(50, 5, 3.0), (53, 5, 3.0), (41, 4, 300.0)])
+def test_inception_score_equals_the_definition_per_split(n, splits, scale):
+    """Random logits against the definition computed with scipy's entropy per split: uneven
+    parts (np.array_split's), and logits large enough that probabilities underflow to 0."""
     from scipy.special import softmax
     from scipy.stats import entropy
 
-    logits = np.random.default_rng(0).normal(scale=3.0, size=(50, 20))
+    logits = np.random.default_rng(n).normal(scale=scale, size=(n, 20))
     p = softmax(logits, axis=1)
-    want = [math.exp(np.mean([entropy(row, part.mean(0)) for row in part])) for part in np.array_split(p, 5)]
-    mean, std = inception_score(logits, splits=5)
+    want = [math.exp(np.mean([entropy(row, part.mean(0)) for row in part])) for part in np.array_split(p, splits)]
+    mean, std = inception_score(logits, splits=splits)
     assert mean == pytest.approx(np.mean(want), rel=1e-9) and std == pytest.approx(np.std(want), rel=1e-9)
+    assert inception_score(logits, splits, device="cpu") == (mean, std)
 
 
 # ---- energy landscape ---------------------------------------------------------------------------
