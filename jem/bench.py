@@ -260,15 +260,15 @@ def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, ch
     feats, logits = inception_outputs(model, images, batch_size, device, progress=False, channels_last=channels_last)
     _sync(device)
     t_features = time.perf_counter() - start
-    stats_device = device if device.type == "cuda" else None  # as the stage: the GPU, else the CPU
-    reference = feature_stats(feats[: max(2, n_images // 2)], stats_device)  # the stage loads cached ones
-    _sync(device)
+    # statistics on the benchmarked device, never on a GPU a --device cpu run happens to see (on a
+    # CPU the stage's np.cov does the same float64 arithmetic as torch's matrix product)
+    reference = feature_stats(feats[: max(2, n_images // 2)], device)  # the stage loads cached ones
     start = time.perf_counter()
-    stats = feature_stats(feats, stats_device)
-    inception_score(logits, splits=min(10, n_images), device=stats_device or "cpu")
+    stats = feature_stats(feats, device)
+    inception_score(logits, splits=min(10, n_images), device=device)
     t_stats = time.perf_counter() - start
     start = time.perf_counter()
-    frechet_distance(stats, reference, device=stats_device or "cpu")
+    frechet_distance(stats, reference, device=device)
     t_frechet = time.perf_counter() - start
     per_image = (t_features + t_stats) / n_images  # features, covariance and IS grow with n; sqrtm does not
     return {
