@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stages.common import load_params, main_guard, write_json
+from stages.common import load_params, main_guard
+from stages.outputs import write_json
 
 
 def main() -> None:

@@ -31,23 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jem.datasets import load_split
-from jem.landscape import energy_curve, filter_normalized_direction
-from jem.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
-from jem.ood import SCORES, auroc, ood_scores
-from jem.params import stage_section
-from stages.common import (
-    StageError,
-    building,
-    load_params,
-    load_selected,
-    main_guard,
-    mlflow_run,
-    setup_run,
-    write_metrics,
-)
+from jem.config.settings import stage_section
+from jem.data.datasets import load_split
+from jem.evaluation.landscape import energy_curve, filter_normalized_direction
+from jem.evaluation.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
+from jem.evaluation.ood import SCORES, auroc, ood_scores
+from stages.common import StageError, load_params, load_selected, main_guard, setup_run
 from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
+from stages.outputs import building, write_metrics
 from stages.plot_data import write_ood_histograms
+from stages.tracking import mlflow_run
 
 
 def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int) -> tuple[np.ndarray, str]:

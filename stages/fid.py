@@ -12,7 +12,7 @@ and cached as a DVC output: ``stats.npz`` and ``info.json``.
 ``score`` (stage ``fid@<variant>``): IS and FID of each sample set in ``fid.sets`` (the final
 replay buffer, as the reference code scores, and fresh chains from p0) against the
 reference of the variant's training data, under every protocol of
-``jem.inception.PROTOCOLS`` (one Inception pass per set; a protocol only picks images):
+``jem.config.settings.PROTOCOLS`` (one Inception pass per set; a protocol only picks images):
 ``whole`` scores every image (JEM++'s eval_buffer), ``sadajem`` the most confident
 ``fid.is_ratio`` (IS) and ``fid.fid_ratio`` (FID) per predicted class (SADA-JEM's
 cond_is_fid). The set's top-level ``is``/``fid`` are those of the variant family's protocol
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.datasets import load_split
-from jem.inception import (
-    PROTOCOLS,
+from jem.config.settings import PROTOCOLS, stage_section
+from jem.data.datasets import load_split
+from jem.evaluation.inception import (
     GaussianStats,
     InceptionUnavailable,
     feature_stats,
@@ -45,18 +45,9 @@ from jem.inception import (
     protocol_indices,
     score_protocol,
 )
-from jem.params import stage_section
-from stages.common import (
-    StageError,
-    building,
-    load_params,
-    main_guard,
-    mlflow_run,
-    model_channels_last,
-    setup_run,
-    write_json,
-    write_metrics,
-)
+from stages.common import StageError, load_params, main_guard, model_channels_last, setup_run
+from stages.outputs import building, write_json, write_metrics
+from stages.tracking import mlflow_run
 
 
 def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> Any:

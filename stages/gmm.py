@@ -2,7 +2,7 @@
 
     python -m stages.gmm --data data/demo/cifar10 --out gmm/demo/cifar10
 
-One streaming pass over the un-augmented training split (``jem.gmm``). Writes
+One streaming pass over the un-augmented training split (``jem.method.gmm``). Writes
 ``stats.pt`` and ``p0.png`` (per class: the mean, then draws from its Gaussian) into ``--out``.
 """
 
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from jem.datasets import load_split
-from jem.gmm import GaussianMixture, compute_mixture_stats, save_mixture_stats
-from stages.common import StageError, load_params, main_guard, mlflow_run
+from jem.data.datasets import load_split
+from jem.method.gmm import GaussianMixture, compute_mixture_stats, save_mixture_stats
+from stages.common import StageError, load_params, main_guard
 from stages.figures import save_grid
+from stages.tracking import mlflow_run
 
 CHUNK = 1000
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jem.datasets import (
+from jem.config.params import dataset_spec, scale_name
+from jem.data.datasets import (
     TORCHVISION_DATASETS,
     interpolate_pairs,
     load_split,
@@ -23,10 +24,11 @@ from jem.datasets import (
     save_split,
     train_val_split,
 )
-from jem.params import dataset_spec, scale_name
-from jem.synthetic import make_clouds, make_gratings, make_shapes
-from stages.common import StageError, load_params, main_guard, mlflow_run, write_json
+from jem.data.synthetic import make_clouds, make_gratings, make_shapes
+from stages.common import StageError, load_params, main_guard
 from stages.figures import save_grid
+from stages.outputs import write_json
+from stages.tracking import mlflow_run
 
 PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
 TEST_SEED_OFFSET = 10_000

@@ -38,10 +38,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from jem.params import scale_name, selected_variants
-from stages.common import StageError, building, load_params, main_guard, mlflow_run, read_metrics
+from jem.config.params import scale_name, selected_variants
+from stages.common import StageError, load_params, main_guard
 from stages.figures import plot_landscape, plot_robustness
+from stages.outputs import building, read_metrics
 from stages.plot_data import write_variant_tables
+from stages.tracking import mlflow_run
 
 PERCENT = {"accuracy", "ece"}
 COLUMN_TITLES = {"accuracy": "Acc %", "is": "IS", "fid": "FID", "ece": "ECE %", "svhn": "SVHN",

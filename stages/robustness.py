@@ -29,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.datasets import load_split
-from jem.params import stage_section
-from jem.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
-from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_metrics
+from jem.config.settings import stage_section
+from jem.data.datasets import load_split
+from jem.evaluation.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
+from stages.common import load_params, load_selected, main_guard, setup_run
 from stages.figures import plot_robustness
+from stages.outputs import building, write_metrics
+from stages.tracking import mlflow_run
 
 
 def _radius_key(norm: str, eps: float) -> str:

@@ -10,7 +10,7 @@ best and worst samples by ``log p(x)`` and by ``p(y|x)`` among the buffer and fr
 (``best_px.png``, ``worst_px.png``, ``best_pyx.png``, ``worst_pyx.png``; indices into the
 concatenation buffer + fresh in ``samples.npz``). For every set, the classifier's prediction
 and confidence ``max_y p(y|x)`` of each saved image (``pred_<set>``, ``conf_<set>``, eval
-mode): the SADA-JEM IS/FID protocol selects by them (``jem.inception.confident_per_class``).
+mode): the SADA-JEM IS/FID protocol selects by them (``jem.evaluation.inception.confident_per_class``).
 Batch norm samples with batch statistics when the variant does, but never updates the
 running statistics here.
 """
@@ -23,14 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jem.config import Variant
-from jem.gmm import load_mixture_stats
-from jem.metrics import predict_logits
-from jem.params import stage_section
-from jem.samplers import sample, without_bn_updates
-from jem.train import build_p0
-from stages.common import building, load_params, load_selected, main_guard, mlflow_run, setup_run, write_json
+from jem.config.settings import stage_section
+from jem.config.variant import Variant
+from jem.evaluation.metrics import predict_logits
+from jem.method.gmm import load_mixture_stats
+from jem.method.samplers import sample, without_bn_updates
+from jem.method.train import build_p0
+from stages.common import load_params, load_selected, main_guard, setup_run
 from stages.figures import save_grid
+from stages.outputs import building, write_json
+from stages.tracking import mlflow_run
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -10,13 +10,13 @@ at each epoch end, the newest ``train.keep_checkpoints`` kept. Rerunning an inte
 continues from the newest intact one (a damaged file is reported and the one before it used).
 Checkpoints written for different params are set aside (``stale/``) and training starts over.
 
-When training diverges (``jem.train.Trainer.divergence``), the run rolls back to its last good
+When training diverges (``jem.method.train.Trainer.divergence``), the run rolls back to its last good
 checkpoint and applies the variant's ``recovery`` remedies, each event logged here and to
 MLflow; once ``recovery.max_retries`` retries are spent the stage exits with status 3 and the
 last good checkpoint stays.
 
 With ``run.nproc`` > 1 the stage relaunches itself under ``torchrun`` (one process per GPU,
-``jem.distributed``): rank 0 logs, writes the checkpoints (with every rank's buffer shard)
+``jem.runtime.distributed``): rank 0 logs, writes the checkpoints (with every rank's buffer shard)
 and the outputs; a run resumes on any number of processes.
 
 Outputs: ``final.pt`` (weights, variant, final replay buffer) and ``best_val.pt`` (weights
@@ -40,19 +40,21 @@ from typing import Any
 
 import torch
 
-from jem import distributed
-from jem.checkpoint import CheckpointDir
-from jem.config import resolve_perf
-from jem.datasets import load_split
-from jem.distributed import barrier
-from jem.gmm import load_mixture_stats
-from jem.metrics import accuracy, calibration, predict_logits
-from jem.models import save_model
-from jem.params import resolve_variant, scale_name, variant_dataset
-from jem.settings import section
-from jem.train import DivergenceError, Trainer
-from stages.common import building, load_params, main_guard, mlflow_run, setup_run, write_metrics
+from jem.config.params import resolve_variant, scale_name, variant_dataset
+from jem.config.settings import section
+from jem.config.variant import resolve_perf
+from jem.data.datasets import load_split
+from jem.evaluation.metrics import accuracy, calibration, predict_logits
+from jem.method.gmm import load_mixture_stats
+from jem.method.models import save_model
+from jem.method.train import DivergenceError, Trainer
+from jem.runtime import distributed
+from jem.runtime.checkpoint import CheckpointDir
+from jem.runtime.distributed import barrier
+from stages.common import load_params, main_guard, setup_run
 from stages.figures import plot_learning_curves
+from stages.outputs import building, write_metrics
+from stages.tracking import mlflow_run
 
 STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train",
                "saturation", "lr")

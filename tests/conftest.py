@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jem.config import Variant, deep_merge
+from jem.config.variant import Variant, deep_merge
 
 torch.set_num_threads(2)
 
@@ -97,8 +97,8 @@ def write_prepared_shapes(data: Path, n: int, train: int = 64) -> tuple[torch.Te
     the other ``n - train`` for validation, and meta.json. Returns all the images and labels."""
     import json
 
-    from jem.datasets import save_split
-    from jem.synthetic import make_shapes
+    from jem.data.datasets import save_split
+    from jem.data.synthetic import make_shapes
 
     x, y = make_shapes(n, seed=0)
     save_split(data / "train.npz", x[:train].numpy(), y[:train].numpy())

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from jem.checkpoint import CheckpointDir, CorruptCheckpoint, load_verified, save_verified
+from jem.runtime.checkpoint import CheckpointDir, CorruptCheckpoint, load_verified, save_verified
 
 
 def test_round_trip_and_every_kind_of_damage_is_detected(tmp_path):

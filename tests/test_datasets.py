@@ -21,7 +21,7 @@ import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.svhn as tv_svhn
 from PIL import Image
 
-from jem.datasets import (
+from jem.data.datasets import (
     TORCHVISION_DATASETS,
     DatasetUnavailable,
     interpolate_pairs,

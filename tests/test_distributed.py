@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from jem.checkpoint import CheckpointDir
-from jem.gmm import compute_mixture_stats, save_mixture_stats
+from jem.method.gmm import compute_mixture_stats, save_mixture_stats
+from jem.runtime.checkpoint import CheckpointDir
 
 from .conftest import ROOT, run_ok, stage_env, write_prepared_shapes
 
@@ -173,8 +173,8 @@ def test_stage_under_srun_joins_one_process_group(workdir: Path):
     missing = {**os.environ, "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     missing.pop("MASTER_ADDR", None)
     missing.pop("WORLD_SIZE", None)
-    from jem.distributed import from_slurm
-    from jem.errors import InputError
+    from jem.config.errors import InputError
+    from jem.runtime.distributed import from_slurm
 
     with pytest.raises(InputError, match="MASTER_ADDR"):
         from_slurm(missing)

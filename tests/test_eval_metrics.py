@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from jem.config import AugmentConfig, ModelConfig
-from jem.data import augment
-from jem.errors import InputError
-from jem.inception import GaussianStats, feature_stats, frechet_distance, inception_score
-from jem.landscape import energy_curve, energy_sum, filter_normalized_direction
-from jem.metrics import calibration, with_reestimated_bn
-from jem.models import WideResNet
-from jem.ood import auroc, ood_scores
+from jem.config.errors import InputError
+from jem.config.variant import AugmentConfig, ModelConfig
+from jem.data.batches import augment
+from jem.evaluation.inception import GaussianStats, feature_stats, frechet_distance, inception_score
+from jem.evaluation.landscape import energy_curve, energy_sum, filter_normalized_direction
+from jem.evaluation.metrics import calibration, with_reestimated_bn
+from jem.evaluation.ood import auroc, ood_scores
+from jem.method.models import WideResNet
 
 # ---- ECE --------------------------------------------------------------------------------------
 
@@ -245,8 +245,8 @@ def test_filter_normalised_direction_and_curve():
 
 
 def test_test_time_input_noise_is_seeded_gaussian_on_the_unit_range():
-    from jem.data import to_unit_range
-    from jem.metrics import with_input_noise
+    from jem.data.batches import to_unit_range
+    from jem.evaluation.metrics import with_input_noise
 
     images = torch.randint(0, 256, (200, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert with_input_noise(images, 0.0) is images  # SADA-JEM's evaluation: the images as they are

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 import stages.fid as fid_stage
-from jem.datasets import save_split
-from jem.inception import FIDInception, GaussianStats, fid_inception_architecture, random_inception_state
-from stages.common import read_metrics
+from jem.data.datasets import save_split
+from jem.evaluation.inception import FIDInception, GaussianStats, fid_inception_architecture, random_inception_state
+from stages.outputs import read_metrics
 
 from .conftest import ROOT
 
@@ -85,7 +85,7 @@ def test_reference_then_score_record_real_numbers(workspace: Path):
 
 
 def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypatch: pytest.MonkeyPatch):
-    from jem.inception import InceptionUnavailable
+    from jem.evaluation.inception import InceptionUnavailable
 
     def missing(*args, **kwargs):
         raise InceptionUnavailable("Inception weights not found at weights/x.pth; download it")

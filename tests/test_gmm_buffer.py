@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from jem.buffer import ReplayBuffer
-from jem.gmm import (
+from jem.method.buffer import ReplayBuffer
+from jem.method.gmm import (
     GaussianMixture,
     MixtureStats,
     UniformInit,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pytorch_fid import inception as pfi
 
-from jem.inception import (
+from jem.evaluation.inception import (
     FEATURE_DIM,
     NUM_LOGITS,
     FIDInception,
@@ -51,7 +51,7 @@ def test_inception_score_uses_unbiased_logits_like_an_independent_computation(mo
     from scipy.special import softmax
     from scipy.stats import entropy
 
-    from jem.inception import inception_score
+    from jem.evaluation.inception import inception_score
 
     state = {k: torch.ones_like(v) if k.endswith("bn.weight") else v for k, v in random_weights.items()}
     monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state)
@@ -122,7 +122,7 @@ def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
 
 
 def test_weights_url_is_pytorch_fids():
-    from jem.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
+    from jem.evaluation.inception import FID_WEIGHTS_SHA256_PREFIX, FID_WEIGHTS_URL
 
     assert FID_WEIGHTS_URL == pfi.FID_WEIGHTS_URL and FID_WEIGHTS_SHA256_PREFIX in pfi.FID_WEIGHTS_URL
 
@@ -153,7 +153,7 @@ def _hand_built_buffer() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_sadajem_selection_keeps_the_most_confident_fraction_of_each_predicted_class():
-    from jem.inception import confident_per_class, protocol_indices
+    from jem.evaluation.inception import confident_per_class, protocol_indices
 
     pred, conf = _hand_built_buffer()
     # IS, ratio 0.1: int(10 * 0.1) = 1 of class 0, int(20 * 0.1) = 2 of class 2, int(5 * 0.1) = 0 of class 7
@@ -173,7 +173,13 @@ def test_sadajem_selection_keeps_the_most_confident_fraction_of_each_predicted_c
 
 
 def test_protocol_scores_are_the_subsets_scores(random_weights):
-    from jem.inception import feature_stats, frechet_distance, inception_score, reference_is_splits, score_protocol
+    from jem.evaluation.inception import (
+        feature_stats,
+        frechet_distance,
+        inception_score,
+        reference_is_splits,
+        score_protocol,
+    )
 
     rng = np.random.default_rng(3)
     feats, logits = rng.normal(size=(40, 8)), rng.normal(size=(40, 12)) * 3

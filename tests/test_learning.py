@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jem.config import Variant, deep_merge
-from jem.data import to_unit_range
-from jem.gmm import compute_mixture_stats
-from jem.models import energy
-from jem.samplers import sample
-from jem.train import Trainer
+from jem.config.variant import Variant, deep_merge
+from jem.data.batches import to_unit_range
+from jem.method.gmm import compute_mixture_stats
+from jem.method.models import energy
+from jem.method.samplers import sample
+from jem.method.train import Trainer
 
 
 def prototype_task(n: int, seed: int, size: int = 8, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from jem.config import ModelConfig
-from jem.models import WideResNet, count_flops, energy, energy_from_logits
+from jem.config.variant import ModelConfig
+from jem.method.models import WideResNet, count_flops, energy, energy_from_logits
 
 
 def expected_parameters(depth: int, k: int, classes: int, batch_norm: bool) -> int:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jem.config import ConfigError
-from jem.params import resolve_variant, selected_variants, stage_section, variant_dataset
+from jem.config.errors import ConfigError
+from jem.config.params import resolve_variant, selected_variants, variant_dataset
+from jem.config.settings import stage_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

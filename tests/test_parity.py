@@ -2,9 +2,9 @@
 
 For each family (JEM: wgrathwohl/JEM ``train_wrn_ebm.py``; JEM++: sndnyang/JEMPP
 ``train_jempp.py``; SADA-JEM: sndnyang/SADAJEM ``train_sadajem.py``; the softmax baselines, as
-those scripts run with the p(x) term off) a few iterations of ``jem.train.Trainer`` run side by
-side with an independent loop that does what the reference iteration does (``jem.reference``,
-which shares no code with ``jem.train``; ``jem-bench --compare`` times it too): its own sampler
+those scripts run with the p(x) term off) a few iterations of ``jem.method.train.Trainer`` run side by
+side with an independent loop that does what the reference iteration does (``jem.method.reference``,
+which shares no code with ``jem.method.train``; ``jem-bench --compare`` times it too): its own sampler
 loop, replay-buffer mixing and write-back, loss, SAM/ASAM steps, warm-up and decay, on a copy
 of the same network with a plain ``torch.optim`` optimizer. Both see the same batches (our
 streams are pure functions of the iteration), the same buffer slots and p0 draws, and the same
@@ -25,11 +25,11 @@ import pytest
 import torch
 import yaml
 
-import jem.train
-from jem.config import PerfConfig, Variant, deep_merge
-from jem.gmm import compute_mixture_stats
-from jem.reference import ReferenceLoop
-from jem.train import Trainer
+import jem.method.train
+from jem.config.variant import PerfConfig, Variant, deep_merge
+from jem.method.gmm import compute_mixture_stats
+from jem.method.reference import ReferenceLoop
+from jem.method.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 rounding (the loss terms are summed in another order) grows over the iterations; the
@@ -87,7 +87,7 @@ def record_draws(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> tuple[lis
             return result
 
         monkeypatch.setattr(buffer, "draw", draw)
-    real_sample = jem.train.sample
+    real_sample = jem.method.train.sample
 
     def sample(model: Any, x0: torch.Tensor, cfg: Any, **kwargs: Any) -> torch.Tensor:
         rng = torch.get_rng_state()
@@ -95,7 +95,7 @@ def record_draws(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> tuple[lis
         samples.append({"rng": rng, "out": out.clone()})
         return out
 
-    monkeypatch.setattr(jem.train, "sample", sample)
+    monkeypatch.setattr(jem.method.train, "sample", sample)
     return draws, samples
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jem.config import PerfConfig, SamplerConfig
-from jem.gmm import compute_mixture_stats
-from jem.objectives import jem_loss
-from jem.samplers import sample
-from jem.train import Trainer, autocast
+from jem.config.variant import PerfConfig, SamplerConfig
+from jem.method.gmm import compute_mixture_stats
+from jem.method.objectives import jem_loss
+from jem.method.samplers import sample
+from jem.method.train import Trainer, autocast
 
 from .conftest import tiny_variant
 
@@ -111,9 +111,9 @@ def test_compiled_trunk_survives_training_steps_with_bounded_graphs(family, grou
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
-    import jem.train
+    import jem.method.train
 
-    monkeypatch.setattr(jem.train, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(jem.method.train, "COMPILE_BACKEND", "aot_eager")
     dynamo.reset()
     counters.clear()
     base = _run(family, PerfConfig(grouped_passes=grouped), tiny_data, steps=6)
@@ -146,14 +146,14 @@ def test_compiled_trunk_mixes_with_eager_fallback_before_one_backward(monkeypatc
     eager for one batch size (recompile limit reached, here forced to 1), an eager forward
     saves the batch-norm running statistics for its backward, and a compiled forward of
     another batch size before that backward updates them in place: "modified by an inplace
-    operation". The trunk compiled with its statistics as values (``jem.models.Trunk``)
+    operation". The trunk compiled with its statistics as values (``jem.method.models.Trunk``)
     computes what eager computes, statistics included."""
     import torch._dynamo as dynamo
 
-    import jem.train
-    from jem.models import build_model
+    import jem.method.train
+    from jem.method.models import build_model
 
-    monkeypatch.setattr(jem.train, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(jem.method.train, "COMPILE_BACKEND", "aot_eager")
     torch.manual_seed(0)
     eager = build_model(tiny_variant().model).train()
     naive, ours = copy.deepcopy(eager), copy.deepcopy(eager)
@@ -167,7 +167,7 @@ def test_compiled_trunk_mixes_with_eager_fallback_before_one_backward(monkeypatc
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             _three_forwards_one_backward(naive, x_big, x_small, weight)
     dynamo.reset()
-    assert jem.train.compile_trunk(ours, torch.device("cpu")).startswith("compiled")
+    assert jem.method.train.compile_trunk(ours, torch.device("cpu")).startswith("compiled")
     with dynamo.config.patch(recompile_limit=1):
         got = _three_forwards_one_backward(ours, x_big, x_small, weight)
     for a, b in zip(got, expected, strict=True):
@@ -178,8 +178,9 @@ def test_compiled_trunk_mixes_with_eager_fallback_before_one_backward(monkeypatc
 def test_run_perf_auto_picks_the_verified_fast_path_on_cuda_and_fp32_on_cpu(monkeypatch):
     from types import SimpleNamespace
 
-    from jem.config import ConfigError, resolve_perf
-    from jem.settings import RunSettings
+    from jem.config.errors import ConfigError
+    from jem.config.settings import RunSettings
+    from jem.config.variant import resolve_perf
 
     cpu, line = resolve_perf("auto", "cpu")
     assert cpu == PerfConfig(channels_last=True, fused_optimizer=True) and "loss fp32" in line
@@ -219,9 +220,9 @@ def test_grouped_passes_equal_separate_forwards_in_float64(deferred):
     logits, gradients and every running statistic, in float64 (so any difference is a bug, not
     rounding). ``deferred``: x+ comes before three train-mode sampler forwards in the reference
     order, and the grouped pass applies its update afterwards."""
-    from jem.config import ModelConfig
-    from jem.models import WideResNet
-    from jem.objectives import bn_snapshot, forward_passes, grouped_passes
+    from jem.config.variant import ModelConfig
+    from jem.method.models import WideResNet
+    from jem.method.objectives import bn_snapshot, forward_passes, grouped_passes
 
     torch.manual_seed(0)
     model = WideResNet(ModelConfig(depth=10, width=1, image_size=8, num_classes=4, bn_momentum=0.9)).double()
@@ -250,9 +251,9 @@ def test_grouped_passes_equal_separate_forwards_in_float64(deferred):
 def test_stages_after_training_take_the_run_perf_layout_and_compute_the_same():
     """sample, evaluate and robustness load the weights channels_last under ``run.perf: auto``
     (contiguous under ``safe``): the same fp32 scores, within float rounding."""
-    from jem.metrics import predict_logits
-    from jem.models import build_model
-    from jem.ood import ood_scores
+    from jem.evaluation.metrics import predict_logits
+    from jem.evaluation.ood import ood_scores
+    from jem.method.models import build_model
     from stages.common import model_channels_last
 
     params = {"scale": "tiny", "scales": {"tiny": {}}, "run": {"perf": "auto"}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import read_metrics
+from stages.outputs import read_metrics
 
 from .conftest import copy_repo, rest_api, run_ok, stage_env, tracking_server
 
@@ -190,9 +190,9 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         import numpy as np
         import torch
 
-        from jem.datasets import load_split
-        from jem.metrics import predict_logits
-        from jem.models import load_model
+        from jem.data.datasets import load_split
+        from jem.evaluation.metrics import predict_logits
+        from jem.method.models import load_model
 
         mlflow.set_tracking_uri(url)
         served = mlflow.pytorch.load_model(f"models:/{trained[0]['info']['model_id']}")  # via the artifact proxy

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-import jem.train
-from jem.checkpoint import CheckpointDir
-from jem.train import Trainer
-from stages.common import read_metrics
+import jem.method.train
+from jem.method.train import Trainer
+from jem.runtime.checkpoint import CheckpointDir
+from stages.outputs import read_metrics
 
 from .conftest import ROOT, tiny_variant, write_prepared_shapes
 
@@ -75,7 +75,7 @@ def stage_dir(tmp_path, monkeypatch):
 def inject_nan(monkeypatch, at_steps: set[int], times: int) -> list[int]:
     """The loss of the steps in ``at_steps`` becomes NaN, the first ``times`` times they run."""
     seen: list[int] = []
-    real = jem.train.Trainer.train_step
+    real = jem.method.train.Trainer.train_step
 
     def train_step(self):
         stats = real(self)
@@ -84,7 +84,7 @@ def inject_nan(monkeypatch, at_steps: set[int], times: int) -> list[int]:
             stats["loss"] = torch.tensor(float("nan"))
         return stats
 
-    monkeypatch.setattr(jem.train.Trainer, "train_step", train_step)
+    monkeypatch.setattr(jem.method.train.Trainer, "train_step", train_step)
     return seen
 
 

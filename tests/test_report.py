@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.common import write_metrics
+from stages.outputs import write_metrics
 
 from .conftest import ROOT, run_ok, stage_env
 
@@ -122,7 +122,7 @@ def test_a_row_without_a_stated_protocol_gets_the_familys_and_says_so(tmp_path: 
 def test_every_published_is_fid_row_names_its_protocol_or_says_why_not():
     """Like with like: an IS/FID row states how the paper selected the images (sadajem or whole),
     or is null with a note saying how the published number was measured (ensemble, not stated)."""
-    from jem.inception import PROTOCOLS
+    from jem.config.settings import PROTOCOLS
 
     published = yaml.safe_load((ROOT / "reports" / "published.yaml").read_text())
     checked = 0

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from jem.config import SamplerConfig
-from jem.robustness import Purified, bpda_eot_accuracy, make_attack, pgd_accuracy, pgd_examples
-from jem.samplers import sample
+from jem.config.variant import SamplerConfig
+from jem.evaluation.robustness import Purified, bpda_eot_accuracy, make_attack, pgd_accuracy, pgd_examples
+from jem.method.samplers import sample
 
 
 class Stripes(nn.Module):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from jem.sam import SAM
-from jem.samplers import frozen_bn_stats
-from jem.train import Trainer
+from jem.method.sam import SAM
+from jem.method.samplers import frozen_bn_stats
+from jem.method.train import Trainer
 
 from .conftest import tiny_variant
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from jem.config import ModelConfig, SamplerConfig
-from jem.models import WideResNet
-from jem.samplers import pyld_step, sample, sgld_step
+from jem.config.variant import ModelConfig, SamplerConfig
+from jem.method.models import WideResNet
+from jem.method.samplers import pyld_step, sample, sgld_step
 
 
 class QuadraticEnergy(nn.Module):

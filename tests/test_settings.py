@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from jem.config import ConfigError
-from jem.settings import validate_params
+from jem.config.errors import ConfigError
+from jem.config.settings import validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

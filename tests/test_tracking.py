@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.common import notes_path, read_metrics, write_metrics
+from stages.outputs import notes_path, read_metrics, write_metrics
 from stages.plot_data import write_ood_histograms, write_variant_tables
 
 from .conftest import copy_repo, run_ok, stage_env

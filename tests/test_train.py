@@ -8,25 +8,26 @@ import os
 import pytest
 import torch
 
-import jem.train
-from jem.config import ConfigError, OptimConfig, Variant
-from jem.data import to_unit_range
-from jem.gmm import compute_mixture_stats
-from jem.objectives import jem_loss
-from jem.train import LRFactor, Trainer
+import jem.method.train
+from jem.config.errors import ConfigError
+from jem.config.variant import OptimConfig, Variant
+from jem.data.batches import to_unit_range
+from jem.method.gmm import compute_mixture_stats
+from jem.method.objectives import jem_loss
+from jem.method.train import LRFactor, Trainer
 
 from .conftest import tiny_variant
 
 
 def _record_objective_inputs(monkeypatch) -> list[dict[str, torch.Tensor]]:
     calls: list[dict[str, torch.Tensor]] = []
-    real = jem.train.forward_passes
+    real = jem.method.train.forward_passes
 
     def spy(model, x_lab, x_pos, x_neg, pos=None):
         calls.append({"x_lab": x_lab.clone(), "x_pos": None if x_pos is None else x_pos.clone()})
         return real(model, x_lab, x_pos, x_neg, pos=pos)
 
-    monkeypatch.setattr(jem.train, "forward_passes", spy)
+    monkeypatch.setattr(jem.method.train, "forward_passes", spy)
     return calls
 
 
@@ -162,7 +163,7 @@ def test_checkpoint_is_written_atomically_and_refuses_another_variant(tmp_path, 
 
 def test_divergence_is_reported_not_trained_through(tiny_data):
     trainer = Trainer(tiny_variant(optim={"lr": 1e30, "warmup_iters": 0}), *tiny_data)
-    with pytest.raises(jem.train.DivergenceError, match=r"non-finite loss.* at step"):
+    with pytest.raises(jem.method.train.DivergenceError, match=r"non-finite loss.* at step"):
         trainer.fit(until=12, progress=False)
 
 

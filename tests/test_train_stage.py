@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from jem.checkpoint import CheckpointDir
+from jem.runtime.checkpoint import CheckpointDir
 
 from .conftest import copy_repo, run_ok, stage_env
 

@@ -16,11 +16,7 @@ from typing import Any
 
 import torch
 
-from jem.errors import InputError
-
-
-class ConfigError(InputError):
-    """A variant description (or params file) that cannot be built. The message is one line."""
+from jem.config.errors import ConfigError
 
 
 @dataclass

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from jem.data import to_unit_range
-from jem.errors import InputError
+from jem.config.errors import InputError
+from jem.config.settings import PROTOCOLS
+from jem.data.batches import to_unit_range
 
 # pytorch_fid.inception.FID_WEIGHTS_URL (pytorch-fid and torchvision are imported only where the
 # network is built: they cost seconds at start-up, and most runs of the fid stages need neither)
@@ -302,8 +303,8 @@ def inception_score(logits: np.ndarray, splits: int = 10,
 # ``sadajem`` (SADA-JEM ``eval_sadajem.py`` -> ``Task/eval_buffer.cond_is_fid``): the set is
 # classified by the JEM itself; per predicted class the images are sorted by confidence
 # ``max_y p(y|x)`` and the first ``int(n_class * ratio)`` kept; IS on ratio 0.1 (~1,000 of a
-# 10,000-image buffer), FID on ratio 0.9 (~9,000).
-PROTOCOLS = ("whole", "sadajem")
+# 10,000-image buffer), FID on ratio 0.9 (~9,000). Their names, ``PROTOCOLS``, are part of the
+# params schema (``jem.config.settings``, ``fid.protocol``).
 
 
 def confident_per_class(pred: np.ndarray, confidence: np.ndarray, ratio: float) -> np.ndarray:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from jem.config import SamplerConfig, deep_merge
-from jem.data import to_unit_range
-from jem.samplers import sample, without_bn_updates
+from jem.config.variant import SamplerConfig, deep_merge
+from jem.data.batches import to_unit_range
+from jem.method.samplers import sample, without_bn_updates
 
 NORMS = ("linf", "l2")
 
@@ -231,7 +231,7 @@ def bpda_eot_accuracy(model: nn.Module, sampler: SamplerConfig, images: torch.Te
     The attack's gradient at every step is averaged over ``eot`` purification draws; the
     defended prediction on the final adversarials is a fresh purification. Weights in eval
     mode; batch norm during purification follows ``sampler.bn_mode`` (pass a sampler that
-    leaves the running statistics alone: ``jem.samplers.without_bn_updates``).
+    leaves the running statistics alone: ``jem.method.samplers.without_bn_updates``).
     """
     was_training = model.training
     model.eval()

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jem.config import ObjectiveConfig
-from jem.models import bn_layers, energy_from_logits
+from jem.config.variant import ObjectiveConfig
+from jem.method.models import bn_layers, energy_from_logits
 
 
 @dataclass

@@ -9,7 +9,7 @@ updates, a first-layer forward and backward per PYLD inner step), the loss of se
 forwards, SAM's perturb and restore parameter by parameter, a plain ``torch.optim`` optimizer
 in fp32, eager.
 
-Two users: ``tests/test_parity.py`` runs it side by side with ``jem.train.Trainer`` (feeding
+Two users: ``tests/test_parity.py`` runs it side by side with ``jem.method.train.Trainer`` (feeding
 it our buffer slots and random states, ``draw=``/``sampler_rng=``) and compares every state;
 ``jem-bench --compare`` times it as the *reference* row, the speed the published code runs at,
 so that the baseline and fast rows are measured against it in the same process.
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jem.config import Variant
-from jem.gmm import InitDistribution
-from jem.models import WideResNet
+from jem.config.variant import Variant
+from jem.method.gmm import InitDistribution
+from jem.method.models import WideResNet
 
 
 def lse(f: WideResNet, x: torch.Tensor) -> torch.Tensor:

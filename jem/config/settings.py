@@ -6,16 +6,19 @@ values, unknown variant or dataset names, and incoherent combinations. It checks
 scale's overrides and resolves every variant listed in ``variants`` at the current scale, so
 a typo anywhere fails before any stage touches its outputs.
 
-The stage sections are dataclasses like the variant description (``jem.config``); the
-stages read them as plain dicts (``jem.params.stage_section``) once they are valid.
+The stage sections are dataclasses like the variant description (``jem.config.variant``); the
+stages read them as plain dicts (``stage_section``) once they are valid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from jem.config import PERF_PRESETS, ConfigError, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
+from jem.config.errors import ConfigError
+from jem.config.params import lookup, resolve_variant, scale_name, selected_variants, variant_dataset
+from jem.config.variant import PERF_PRESETS, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
 
 SELECT = ("last", "best_val")
 SOURCES_PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
@@ -23,6 +26,8 @@ SOURCES_REAL = ("cifar10", "cifar100", "svhn", "celeba")
 SAMPLE_SETS = ("buffer", "fresh", "conditional")
 SPLITS = ("train", "val", "test")
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "databricks")
+# which images of a sample set IS and FID score (jem.evaluation.inception.protocol_indices)
+PROTOCOLS = ("whole", "sadajem")
 
 
 @dataclass
@@ -137,14 +142,12 @@ class FidSettings:
     reference_max: int | None = None
     batch_size: int = 200
     splits: int | None = None  # IS splits; null = the reference scripts' max(1, n // 5000)
-    # which images are scored, per family ("default" for the others): jem.inception.PROTOCOLS
+    # which images are scored, per family ("default" for the others): PROTOCOLS
     protocol: dict[str, str] = field(default_factory=lambda: {"default": "whole", "sadajem": "sadajem"})
     is_ratio: float = 0.1  # sadajem protocol: most confident fraction per predicted class for IS
     fid_ratio: float = 0.9  # ... and for FID
 
     def validate(self, where: str) -> None:
-        from jem.inception import PROTOCOLS
-
         _check(bool(self.sets) and set(self.sets) <= set(SAMPLE_SETS), where, "sets", self.sets,
                f"a non-empty list of {', '.join(SAMPLE_SETS)}")
         _check(bool(self.reference_splits) and set(self.reference_splits) <= set(SPLITS), where,
@@ -310,10 +313,14 @@ def section(params: dict[str, Any], name: str, scale: str) -> Any:
     return settings
 
 
+def stage_section(params: dict[str, Any], stage: str, scale: str | None = None) -> dict[str, Any]:
+    """A stage's section (``sample``, ``evaluate``...) with the scale's overrides merged in,
+    checked against its schema and completed with the defaults."""
+    return dataclasses.asdict(section(params, stage, scale_name(params, scale)))
+
+
 def validate_params(params: Any) -> None:
     """Check the whole params file; raises ``ConfigError`` (one line) at the first problem."""
-    from jem.params import lookup, resolve_variant, selected_variants, variant_dataset
-
     params = _known(params, TOP_LEVEL, "params.yaml")
     for key in ("scales", "methods", "families", "datasets"):
         if not isinstance(params.get(key), dict) or not params.get(key):

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from jem.data import to_unit_range
+from jem.data.batches import to_unit_range
 
 SCORES = ("log_px", "max_prob", "grad_norm")
 

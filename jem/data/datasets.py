@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jem.checkpoint import atomic_write
-from jem.errors import InputError
+from jem.config.errors import InputError
+from jem.runtime.checkpoint import atomic_write
 
 
 class DatasetUnavailable(RuntimeError):

@@ -21,7 +21,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from jem.config import ConfigError, Variant, deep_merge
+from jem.config.errors import ConfigError
+from jem.config.variant import Variant, deep_merge
 
 
 def lookup(mapping: Any, key: str, where: str) -> Any:
@@ -94,13 +95,3 @@ def selected_variants(params: dict[str, Any]) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"variants lists a name twice: {names}")
     return names
-
-
-def stage_section(params: dict[str, Any], stage: str, scale: str | None = None) -> dict[str, Any]:
-    """A stage's section (``sample``, ``evaluate``...) with the scale's overrides merged in,
-    checked against its schema (``jem.settings``) and completed with the defaults."""
-    import dataclasses
-
-    from jem.settings import section
-
-    return dataclasses.asdict(section(params, stage, scale_name(params, scale)))

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from jem.data import to_unit_range
-from jem.models import energy_from_logits
+from jem.data.batches import to_unit_range
+from jem.method.models import energy_from_logits
 
 
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:

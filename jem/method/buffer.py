@@ -15,7 +15,7 @@ so no step waits on a data-dependent shape.
 Random numbers: which slots to draw, and the initial fill, come from the buffer's own
 generator (one per rank under data parallelism, saved in its state); the re-initialisation
 mask and the fresh p0 draws come from the global generator, drawn for the whole global
-batch and sliced, so that they are what a single process would draw (``jem.distributed``).
+batch and sliced, so that they are what a single process would draw (``jem.runtime.distributed``).
 
 The buffer is laid out in ``num_classes`` equal segments. Filling it from the mixture puts
 class c's draws in segment c, so a class-conditional draw reads segment c and
@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from jem.distributed import SINGLE, DistInfo
-from jem.errors import InputError
-from jem.gmm import InitDistribution
+from jem.config.errors import InputError
+from jem.method.gmm import InitDistribution
+from jem.runtime.distributed import SINGLE, DistInfo
 
 
 class Draw(NamedTuple):
@@ -126,7 +126,7 @@ class ReplayBuffer:
             self._labels[target] = labels.to(self.device, self._labels.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's chains and its generator (``jem.train.Trainer`` gathers the ranks' parts)."""
+        """This rank's chains and its generator (``jem.method.train.Trainer`` gathers the ranks' parts)."""
         return {"samples": self.samples, "labels": self.labels, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any], generator: bool = True) -> None:

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from jem.errors import InputError
+from jem.config.errors import InputError
 
 
 class CorruptCheckpoint(InputError):

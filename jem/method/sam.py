@@ -5,7 +5,7 @@ A thin wrapper over any base optimizer:
 1. after the first backward, ``first_step`` moves every weight to ``w + e`` with
    ``e = rho * g / ||g||_2`` (SAM) or ``e = rho * |w|^2 * g / || |w| * g ||_2`` (ASAM);
 2. the caller recomputes the loss and its gradient at ``w + e`` (with batch-norm running
-   statistics frozen: see ``jem.samplers.frozen_bn_stats``);
+   statistics frozen: see ``jem.method.samplers.frozen_bn_stats``);
 3. ``second_step`` restores ``w`` and steps the base optimizer with that gradient.
 
 The learning-rate scheduler is attached to ``base``, which this class does not hide.

@@ -5,7 +5,7 @@ work* with the library calls the stage itself makes (same network, batch sizes, 
 attacks, Inception), on the device, and multiplies it out to the stage's counts (the
 ``params.yaml`` sections at the scale, the datasets' split sizes):
 
-* ``train``: whole training iterations (``jem.bench.benchmark`` with ``run.perf: auto``)
+* ``train``: whole training iterations (``jem.bench.cli.benchmark`` with ``run.perf: auto``)
   x iterations per epoch x epochs;
 * ``sample``: one batch of fresh chains (the training p(x) batch, the variant's steps,
   running statistics untouched) x batches, plus the eval-mode forwards that classify the sets;
@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.config import Variant
-from jem.inception import PROTOCOLS
-from jem.metrics import predict_logits
-from jem.models import build_model
-from jem.ood import ood_scores
-from jem.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
-from jem.samplers import sample, without_bn_updates
+from jem.config.settings import PROTOCOLS
+from jem.config.variant import Variant
+from jem.evaluation.metrics import predict_logits
+from jem.evaluation.ood import ood_scores
+from jem.evaluation.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
+from jem.method.models import build_model
+from jem.method.samplers import sample, without_bn_updates
 
 # Split sizes of the real datasets (torchvision's CIFAR-10/100, SVHN and CelebA test splits);
 # the procedural scales give theirs in params.yaml (datasets.<role>.<scale>).
@@ -103,8 +103,8 @@ def measure_units(variant: Variant, sections: dict[str, dict[str, Any]], device:
                   channels_last: bool = False) -> dict[str, float]:
     """Seconds of each unit of work of ``variant``'s stages on ``device``.
 
-    ``train_s``: seconds per training iteration (``jem.bench.benchmark``); ``inception``: a
-    ``jem.bench.benchmark_fid`` row. ``shared``: units that do not depend on the sampler
+    ``train_s``: seconds per training iteration (``jem.bench.cli.benchmark``); ``inception``: a
+    ``jem.bench.cli.benchmark_fid`` row. ``shared``: units that do not depend on the sampler
     (forwards, OOD passes, PGD, Inception) measured for another variant of the same
     network, reused instead of measured again. ``channels_last``: the model's layout in the
     stages (``run.perf.channels_last``).

@@ -52,7 +52,7 @@ def from_slurm(environ: dict[str, str] | None = None) -> None:
         return
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
     if missing:
-        from jem.errors import InputError
+        from jem.config.errors import InputError
 
         raise InputError(f"running under srun with {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
                          "unset; export MASTER_ADDR=<first node> MASTER_PORT=<free port> in the job script")

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jem.checkpoint import atomic_torch_save
-from jem.config import ModelConfig
-from jem.errors import InputError
+from jem.config.errors import InputError
+from jem.config.variant import ModelConfig
+from jem.runtime.checkpoint import atomic_torch_save
 
 
 def _norm(channels: int, cfg: ModelConfig) -> nn.Module:
@@ -50,7 +50,7 @@ class WideBlock(nn.Module):
 class Trunk(nn.Sequential):
     """The residual blocks (a ``Sequential``: the same parameter names, the same eager forward).
 
-    ``compiled`` (set by ``jem.train.compile_trunk``) is a torch.compile'd
+    ``compiled`` (set by ``jem.method.train.compile_trunk``) is a torch.compile'd
     ``trunk_with_stats``: the blocks then run as a function of the input *and of their
     batch-norm running statistics*, passed in as copies and returned updated, then copied back
     into the buffers. No compiled graph writes into a tensor that autograd may have saved, so
@@ -185,7 +185,7 @@ def save_model(path: str | os.PathLike[str], model: WideResNet, variant: dict[st
 
 def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> tuple[WideResNet, dict[str, Any]]:
     """The model (eval mode, on ``device``) and the whole saved payload (``variant`` included)."""
-    from jem.config import Variant
+    from jem.config.variant import Variant
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)

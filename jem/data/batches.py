@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from jem.config import AugmentConfig
-from jem.distributed import SINGLE, DistInfo
-from jem.errors import InputError
+from jem.config.errors import InputError
+from jem.config.variant import AugmentConfig
+from jem.runtime.distributed import SINGLE, DistInfo
 
 _STREAM_SALT = 1_000_003
 

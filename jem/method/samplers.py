@@ -31,9 +31,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from jem.config import SamplerConfig
-from jem.distributed import SINGLE, DistInfo
-from jem.models import WideResNet, bn_layers
+from jem.config.variant import SamplerConfig
+from jem.method.models import WideResNet, bn_layers
+from jem.runtime.distributed import SINGLE, DistInfo
 
 
 @contextlib.contextmanager

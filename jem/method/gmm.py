@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from jem.checkpoint import atomic_torch_save
-from jem.data import to_unit_range
-from jem.errors import InputError
+from jem.config.errors import InputError
+from jem.data.batches import to_unit_range
+from jem.runtime.checkpoint import atomic_torch_save
 
 
 @dataclass

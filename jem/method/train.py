@@ -10,7 +10,7 @@ batch-norm running-statistics update in the order of the family's reference scri
    the sampler runs once (its forwards update the running statistics when
    ``sampler.bn_mode`` is ``train``) and its detached output x- goes back to the buffer;
 4. the x+ forward (``after_sampler``: JEM), the x- forward and the labelled forward last
-   (``jem.objectives``), then the loss and its gradient;
+   (``jem.method.objectives``), then the loss and its gradient;
 5. with SAM/ASAM, a second loss and gradient at the perturbed weights (same x+, x- and
    labelled batches, batch-norm running statistics frozen), then the base optimizer steps;
 6. the per-iteration learning-rate schedule: linear warm-up from 0 (``lr * it / warmup``,
@@ -33,17 +33,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from jem.buffer import ReplayBuffer
-from jem.checkpoint import capture_rng, load_verified, restore_rng, save_verified, seed_everything
-from jem.config import OptimConfig, PerfConfig, SamplerConfig, Variant
-from jem.data import BatchStream
-from jem.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_over_ranks
-from jem.errors import InputError
-from jem.gmm import GaussianMixture, MixtureStats, UniformInit
-from jem.models import WideResNet, build_model, trunk_with_stats
-from jem.objectives import bn_snapshot, forward_passes, grouped_passes, loss_from_passes
-from jem.sam import SAM
-from jem.samplers import frozen_bn_stats, sample
+from jem.config.errors import InputError
+from jem.config.variant import OptimConfig, PerfConfig, SamplerConfig, Variant
+from jem.data.batches import BatchStream
+from jem.method.buffer import ReplayBuffer
+from jem.method.gmm import GaussianMixture, MixtureStats, UniformInit
+from jem.method.models import WideResNet, build_model, trunk_with_stats
+from jem.method.objectives import bn_snapshot, forward_passes, grouped_passes, loss_from_passes
+from jem.method.sam import SAM
+from jem.method.samplers import frozen_bn_stats, sample
+from jem.runtime.checkpoint import capture_rng, load_verified, restore_rng, save_verified, seed_everything
+from jem.runtime.distributed import SINGLE, DistInfo, gather_objects, gather_rows, mean_over_ranks
 
 CHECKPOINT_FORMAT = 1
 # Keys that may change between a checkpoint and its resume without changing the run.
@@ -125,7 +125,7 @@ def compile_trunk(model: WideResNet, device: torch.device) -> str:
     """torch.compile the residual trunk (every forward path goes through it) in place.
 
     The compiled unit takes and returns the batch-norm running statistics explicitly
-    (``jem.models.Trunk``), so several train-mode forwards before one backward, SAM's
+    (``jem.method.models.Trunk``), so several train-mode forwards before one backward, SAM's
     frozen-statistics pass and any eager fallback of dynamo mix safely. Returns what happened,
     for the log: compiled, or why not (then the model stays eager). Compilation errors at run
     time fall back to eager too (dynamo's ``suppress_errors``).
@@ -173,7 +173,7 @@ class Trainer:
     data live, fused optimizer kernels); it never changes what a run computes beyond
     numerical tolerance, and it is not part of the checkpoints.
 
-    ``dist`` (from ``jem.distributed.init`` under ``torchrun``) makes it one rank of a
+    ``dist`` (from ``jem.runtime.distributed.init`` under ``torchrun``) makes it one rank of a
     data-parallel run: a DistributedDataParallel model for the loss passes (so SAM's
     perturbation comes from the all-reduced gradient), this rank's slice of every global
     batch, its own replay-buffer shard. ``state_dict`` is then collective: every rank calls it.

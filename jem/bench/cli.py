@@ -10,14 +10,14 @@
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
 model and the labelled batch (the p(x) batch keeps its ratio to it). Data are procedural
-32x32 images (``jem.synthetic``), and the mixture for informative initialisation is fitted
+32x32 images (``jem.data.synthetic``), and the mixture for informative initialisation is fitted
 to them, so the benchmark needs no download. Timing covers whole training iterations
 (sampler, both SAM passes, optimizer step) after warm-up iterations (compilation included
 there); each timed iteration is timed on its own (CUDA events between iterations on a GPU,
 the clock on a CPU) and the median is reported, with the interquartile range as the spread.
 
 ``--compare`` times each variant three times in one process, same seed, network and batches:
-the *reference* loop (the published scripts' iteration, ``jem.reference``), our *baseline*
+the *reference* loop (the published scripts' iteration, ``jem.method.reference``), our *baseline*
 (fp32, eager, contiguous layout, replay buffer and data in CPU memory, plain optimizer: how the
 reference code runs) and the *fast* paths (``run.perf: auto``: bf16 autocast on CUDA,
 channels_last, buffer and data on the device, fused optimizer; ``--compile on`` adds
@@ -25,7 +25,7 @@ torch.compile), and prints the ratios.
 
 ``--stages`` projects the wall time of every stage (train per epoch and in all, sample,
 evaluate, fid, robustness) of the first ``--variant`` (default sadajem_k5) at the scale's
-counts from measured units of work (``jem.stage_times``), and the total of the variants of
+counts from measured units of work (``jem.bench.stage_times``), and the total of the variants of
 one published table (``--table``, a key of ``reports/published.yaml``; default SADA-JEM Table 1).
 """
 
@@ -48,14 +48,15 @@ from typing import Any
 import torch
 import yaml
 
-from jem.config import ConfigError, PerfConfig, Variant, _build, _describe, resolve_perf
-from jem.gmm import compute_mixture_stats
-from jem.inception import InceptionUnavailable
-from jem.models import count_flops
-from jem.params import lookup, resolve_variant
-from jem.reference import ReferenceLoop
-from jem.synthetic import make_shapes
-from jem.train import Trainer
+from jem.config.errors import ConfigError
+from jem.config.params import lookup, resolve_variant
+from jem.config.variant import PerfConfig, Variant, _build, _describe, resolve_perf
+from jem.data.synthetic import make_shapes
+from jem.evaluation.inception import InceptionUnavailable
+from jem.method.gmm import compute_mixture_stats
+from jem.method.models import count_flops
+from jem.method.reference import ReferenceLoop
+from jem.method.train import Trainer
 
 DEFAULT_VARIANTS = ("jem_k20", "jempp_m10", "sadajem_k5")
 GPU_COMMAND = "jem-bench --device cuda --compare --fid 50000 --stages --report reports/performance.md"
@@ -68,7 +69,7 @@ def baseline_perf() -> PerfConfig:
 
 
 def fast_perf(device: torch.device, compile: str = "auto", overrides: list[str] | None = None) -> PerfConfig:
-    """``run.perf: auto`` for ``device`` (``jem.config.resolve_perf``); ``compile='on'`` adds
+    """``run.perf: auto`` for ``device`` (``jem.config.variant.resolve_perf``); ``compile='on'`` adds
     torch.compile, which is not part of ``auto`` until it is measured faster on a GPU;
     ``overrides`` (``--perf KEY=VALUE``) set any other switch, e.g. ``grouped_passes=true``."""
     perf, _ = resolve_perf("auto", device)
@@ -158,8 +159,8 @@ def _reference_steps(trainer: Trainer, loop: ReferenceLoop) -> Callable[[], Any]
 
 def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, perf: PerfConfig | None = None,
               n_images: int = 2048, label: str = "", reference: bool = False) -> dict[str, Any]:
-    """Whole training iterations of ``variant``: ``jem.train.Trainer`` with ``perf``, or with
-    ``reference`` the published scripts' loop (``jem.reference``) on the same network, buffer
+    """Whole training iterations of ``variant``: ``jem.method.train.Trainer`` with ``perf``, or with
+    ``reference`` the published scripts' loop (``jem.method.reference``) on the same network, buffer
     and batches (``perf`` then only places the data: the baseline's CPU memory)."""
     classes = variant.model.num_classes
     x, y = make_shapes(n_images, variant.model.image_size, num_classes=min(classes, 10), seed=0)
@@ -234,7 +235,7 @@ def benchmark_fid(device: torch.device, n_images: int, batch_size: int = 500, ch
     """
     import numpy as np
 
-    from jem.inception import (
+    from jem.evaluation.inception import (
         FIDInception,
         feature_stats,
         fid_inception_architecture,
@@ -342,7 +343,7 @@ def markdown_report(rows: list[dict[str, Any]], command: str, fid: dict[str, Any
 
 
 def _stages_section(r: dict[str, Any], command: str) -> list[str]:
-    from jem.stage_times import hms
+    from jem.bench.stage_times import hms
 
     u = r["units"]
     lines = [
@@ -350,7 +351,7 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
         "",
         f"Measured by `{command}` on **{r['device']}**: each stage's unit of work timed with the stage's own "
         f"library calls, multiplied out to the counts of `params.yaml` at the {r['scale']} scale "
-        "(`jem/stage_times.py`). Projections from measured units, not timings of whole stages; fid and "
+        "(`jem/bench/stage_times.py`). Projections from measured units, not timings of whole stages; fid and "
         "fid_ref count the Inception passes they make with the weights in place (without them both record "
         "IS/FID as unavailable in seconds).",
         "",
@@ -413,7 +414,7 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
         f"{torch.get_num_threads()} CPU threads), {first['steps_timed']} timed iterations after warm-up; "
         f"memory is {first['memory_kind']}.",
         "",
-        "*reference*: the published scripts' iteration written plainly (`jem/reference.py`, the loop "
+        "*reference*: the published scripts' iteration written plainly (`jem/method/reference.py`, the loop "
         "`tests/test_parity.py` matches ours against): fp32, eager, replay buffer in CPU memory mixed with "
         "a full batch of p0 draws, a first-layer forward and backward per PYLD inner step, SAM's perturb and "
         "restore parameter by parameter, `torch.optim` defaults. *baseline*: our trainer as the reference code "
@@ -512,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = ([("reference", baseline_perf()), ("baseline", baseline_perf()), ("fast", fast)] if args.compare
                  else [("auto" if fast == fast_perf(device) else "fast", fast)])
         for label, perf in modes:
-            how = "the reference scripts' loop (jem.reference)" if label == "reference" else \
+            how = "the reference scripts' loop (jem.method.reference)" if label == "reference" else \
                 f"run.perf: {_describe(perf)}"
             print(f"[bench] {name} ({label}): WRN-{variant.model.depth}-{variant.model.width}, batch "
                   f"{variant.train.batch_size}/{variant.train.px_batch_size} on {device}; {how} ...", flush=True)
@@ -573,8 +574,8 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
     """``--stages``: units measured on the device with ``perf`` (the fast mode), projected to the
     scale's stage counts. A variant already timed in ``rows`` with the same ``run.perf``
     (--compare's fast row) is not timed again."""
-    from jem.params import stage_section
-    from jem.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
+    from jem.bench.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
+    from jem.config.settings import stage_section
 
     sections = {s: stage_section(params, s, scale) for s in ("sample", "evaluate", "fid", "robustness")}
     sizes = {role: split_sizes(lookup(spec, scale, f"datasets.{role}")) for role, spec in params["datasets"].items()}

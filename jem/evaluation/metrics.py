@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jem.config import AugmentConfig
-from jem.data import prepare, to_unit_range
-from jem.models import bn_layers
+from jem.config.variant import AugmentConfig
+from jem.data.batches import prepare, to_unit_range
+from jem.method.models import bn_layers
 
 
 def with_input_noise(images: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
