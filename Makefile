@@ -19,6 +19,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check jem stages tests
+	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
 
 test: install lint
 	$(BIN)/python -m pytest
