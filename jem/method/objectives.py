@@ -141,10 +141,13 @@ def loss_from_passes(passes: Passes, y: torch.Tensor,
             raise ValueError("the generative objective needs both x+ and x- forwards")
         e_pos = energy_from_logits(passes.pos)
         e_neg = energy_from_logits(passes.neg)
-        l_gen = e_pos.mean() - e_neg.mean()
+        # each batch mean once, shared by both terms as train_sadajem.py shares fp and fq: two mean
+        # nodes sum their gradients in another float32 order (the L2 parity case drifted by 2.5e-4)
+        m_pos, m_neg = e_pos.mean(), e_neg.mean()
+        l_gen = m_pos - m_neg
         loss = loss + cfg.px_weight * l_gen
         if cfg.energy_l2 > 0:  # squares of the batch means, as train_sadajem.py's l2_coeff term
-            loss = loss + cfg.energy_l2 * (e_pos.mean().square() + e_neg.mean().square())
+            loss = loss + cfg.energy_l2 * (m_pos.square() + m_neg.square())
         stats.update({
             "loss_gen": l_gen.detach(),
             "energy_pos": e_pos.detach().mean(),
