@@ -1,8 +1,11 @@
 """What every stage entry point shares: reading and checking ``params.yaml``, the device, one-line
-errors, and the trained weights a stage after ``train`` reads.
+errors.
 
 The MLflow layer is ``stages.tracking``; the files a stage writes (metrics, notes, atomic
-folders) are ``stages.outputs``.
+folders) are ``stages.outputs``; the trained weights the stages after ``train`` read are
+``stages.weights``; what ``dvc.yaml`` declares a stage reads is ``stages.declared``. Each stage's
+code dependencies in ``dvc.yaml`` are its import closure (tests/test_layout.py), so this module
+imports only what every stage needs.
 """
 
 from __future__ import annotations
@@ -64,10 +67,9 @@ def setup_run(params: dict[str, Any]) -> torch.device:
 def main_guard(fn: Callable[[], None], exit_codes: dict[type[BaseException], int] | None = None) -> None:
     """Run a stage; a user-fixable error becomes one line on stderr and exit status 2
     (``exit_codes`` adds other one-line failures with their own status)."""
-    from jem.config.errors import InputError
-    from jem.data.datasets import DatasetUnavailable
+    from jem.config.errors import InputError  # DatasetUnavailable, ConfigError, TrackingError are ones
 
-    codes: dict[type[BaseException], int] = {StageError: 2, InputError: 2, DatasetUnavailable: 2,
+    codes: dict[type[BaseException], int] = {StageError: 2, InputError: 2,
                                              FileNotFoundError: 2, **(exit_codes or {})}
     try:
         fn()
@@ -75,37 +77,3 @@ def main_guard(fn: Callable[[], None], exit_codes: dict[type[BaseException], int
         print(f"error: {exc}", file=sys.stderr)
         code = next(c for t, c in codes.items() if isinstance(exc, t))
         raise SystemExit(code) from None
-
-
-# ---- shared by the stages that read a trained variant ------------------------------------------
-def load_selected(model_dir: Path, section: str, select: str, device: torch.device,
-                  params: dict[str, Any] | None = None) -> tuple[Any, Any, str]:
-    """The weights a stage asked for (``<section>.select``: ``last`` or ``best_val``), in eval mode,
-    in the memory layout of ``run.perf`` (channels_last: the same fp32 arithmetic, faster
-    convolutions; ``params`` None: contiguous).
-
-    Returns (model, variant, select).
-    """
-    from jem.config.variant import Variant
-    from jem.method.models import load_model
-
-    if select not in ("last", "best_val"):
-        raise StageError(f"{section}.select = {select!r}: expected 'last' or 'best_val'")
-    weights = model_dir / ("final.pt" if select == "last" else "best_val.pt")
-    if not weights.exists():
-        hint = "; best_val needs a validation split (datasets.<role>.<scale>.val > 0)" if select == "best_val" else ""
-        raise StageError(f"{weights} not found ({section}.select = {select}){hint}; run dvc repro train")
-    model, payload = load_model(weights, device)
-    if params is not None and model_channels_last(params, device):
-        model = model.to(memory_format=torch.channels_last)
-    return model, Variant.from_dict(payload["variant"], where=f"{weights}:variant"), select
-
-
-def model_channels_last(params: dict[str, Any], device: torch.device) -> bool:
-    """``run.perf.channels_last`` (``auto``: on, on a CPU and a GPU) for the stages after training."""
-    from jem.config.params import scale_name
-    from jem.config.settings import section
-    from jem.config.variant import resolve_perf
-
-    perf, _ = resolve_perf(section(params, "run", scale_name(params)).perf, device)
-    return perf.channels_last

@@ -31,26 +31,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jem.config.settings import stage_section
+from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.evaluation.landscape import energy_curve, filter_normalized_direction
 from jem.evaluation.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
 from jem.evaluation.ood import SCORES, auroc, ood_scores
-from stages.common import StageError, load_params, load_selected, main_guard, setup_run
+from stages.common import StageError, load_params, main_guard, setup_run
+from stages.declared import Inputs, check_settings
 from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
 from stages.outputs import building, write_metrics
 from stages.plot_data import write_ood_histograms
 from stages.tracking import mlflow_run
+from stages.weights import load_selected
 
 
-def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int) -> tuple[np.ndarray, str]:
+def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int,
+            inputs: Inputs | None = None) -> tuple[np.ndarray, str]:
     """Images of one OOD set and where they came from; ``interp`` is the training role's."""
     path = data / train_role / "interp.npz" if role == "interp" else data / role / "test.npz"
     if not path.exists():
         what = f"datasets.{train_role}.<scale>.interp" if role == "interp" else f"the prepare@{role} stage"
         raise StageError(f"OOD set {role!r}: {path} not found; it is made by {what}, or remove {role!r} "
                          "from evaluate.ood_sets")
-    images, _ = load_split(path)
+    images, _ = load_split(inputs.need(path) if inputs is not None else path)
     if limit is not None and limit < len(images):
         images = images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
     return images, str(path)
@@ -62,34 +65,36 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="prepared data folder of this scale")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    ap.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     args = ap.parse_args()
 
     params = load_params()
     device = setup_run(params)
-    cfg = stage_section(params, "evaluate")
-    model, variant, select = load_selected(args.model, "evaluate", str(cfg.get("select", "last")), device, params)
+    cfg = check_settings(args.config, instance_settings(params, "evaluate", args.model.name))
+    inputs = Inputs(args.inputs)
+    model, variant, select = load_selected(args.model, "evaluate", str(cfg["select"]), device, params)
     role = variant.dataset
-    meta = json.loads((args.data / role / "meta.json").read_text())
-    x_test, y_test = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))
+    meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
+    x_test, y_test = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "test.npz")))
     batch = int(cfg.get("batch_size", 500))
     limit = cfg.get("ood_max")
     limit = None if limit is None else int(limit)
     seed = int(cfg.get("seed", 0))
-    ood_roles = [r for r in cfg.get("ood_sets", []) if r != role]
+    ood_roles = list(cfg["ood_sets"])  # resolved: without the training role
 
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
         run.log_params({"evaluate": cfg})
-        run.log_dataset(args.data / role / "test.npz", "testing")
-        table = cfg.get("input_noise") or {}
-        noise = float(table.get(variant.family, table.get("default", 0.0)))  # evaluate.input_noise
+        run.log_dataset(args.data / role / "test.npz", "testing", x_test.numpy(), y_test.numpy())
+        noise = float(cfg["input_noise"])  # evaluate.input_noise of the variant's family
         x_eval = with_input_noise(x_test, noise, seed)
         logits = predict_logits(model, x_eval, batch_size=batch, device=device)
         cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
         # the same weights with batch-norm statistics averaged over the training split, each
         # batch augmented and noised as the labelled batches of training: agrees with
         # "accuracy" when the running statistics describe labelled data
-        x_train, _ = load_split(args.data / role / "train.npz")
+        x_train, _ = load_split(inputs.need(args.data / role / "train.npz"))
         recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device, augment=variant.augment,
                                            input_noise=variant.objective.input_noise, seed=seed)
         acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
@@ -108,7 +113,7 @@ def main() -> None:
                                      desc="ood test")}
         sources = {"test": str(args.data / role / "test.npz")}
         for ood in ood_roles:
-            images, sources[ood] = ood_set(args.data, ood, role, limit, seed)
+            images, sources[ood] = ood_set(args.data, ood, role, limit, seed, inputs)
             scores[ood] = ood_scores(model, with_input_noise(torch.from_numpy(images), noise, seed + 1), batch, device,
                                      progress=True, desc=f"ood {ood}")
         metrics["ood"] = {s: {ood: auroc(scores["test"][s], scores[ood][s]) for ood in ood_roles} for s in SCORES}

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.config.settings import PROTOCOLS, stage_section
+from jem.config.instances import instance_settings
+from jem.config.settings import PROTOCOLS
 from jem.data.datasets import load_split
 from jem.evaluation.inception import (
     GaussianStats,
@@ -45,16 +46,17 @@ from jem.evaluation.inception import (
     protocol_indices,
     score_protocol,
 )
-from stages.common import StageError, load_params, main_guard, model_channels_last, setup_run
+from stages.common import StageError, load_params, main_guard, setup_run
+from stages.declared import Inputs, check_settings
 from stages.outputs import building, write_json, write_metrics
 from stages.tracking import mlflow_run
+from stages.weights import model_channels_last
 
 
-def _inception(params: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> Any:
-    download = bool((params.get("data") or {}).get("download", False))
+def _inception(cfg: dict[str, Any], device: torch.device) -> Any:
+    download = bool(cfg["download"])
     try:
-        return load_fid_inception(cfg.get("weights", "weights/pt_inception-2015-12-05-6726825d.pth"),
-                                  download=download, device=device)
+        return load_fid_inception(cfg["weights"], download=download, device=device)
     except InceptionUnavailable as exc:
         hint = "" if download else " (fid.weights names the file; data.download: true fetches it)"
         raise InceptionUnavailable(f"{exc}{hint}") from None
@@ -68,10 +70,10 @@ def _nhwc(params: dict[str, Any], device: torch.device) -> bool:
 def reference(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
-    cfg = stage_section(params, "fid")
-    meta = json.loads((args.data / "meta.json").read_text())
-    splits = list((cfg.get("reference_splits_by_role") or {}).get(meta["role"])
-                  or cfg.get("reference_splits", ["train", "val", "test"]))
+    inputs = Inputs(args.inputs)
+    meta = json.loads(inputs.need(args.data / "meta.json").read_text())
+    cfg = check_settings(args.config, instance_settings(params, "fid_ref", meta["role"]))
+    splits = list(cfg["reference_splits"])
     with mlflow_run(f"fid_ref@{meta['role']}", params, {"dataset": meta["role"]}) as run:
         run.log_params({"fid": cfg})
         parts = []
@@ -82,7 +84,7 @@ def reference(args: argparse.Namespace) -> None:
             if not path.exists():
                 raise StageError(f"fid.reference_splits names {split!r} but {path} does not exist; "
                                  f"{meta['role']} has {', '.join(sorted(meta['counts']))}")
-            parts.append(load_split(path)[0])
+            parts.append(load_split(inputs.need(path))[0])
         images = np.concatenate(parts)
         limit = cfg.get("reference_max")
         if limit is not None and int(limit) < len(images):
@@ -90,7 +92,7 @@ def reference(args: argparse.Namespace) -> None:
         info: dict[str, Any] = {"role": meta["role"], "source": meta["source"], "splits": splits, "images": len(images)}
         with building(args.out) as tmp:
             try:
-                model = _inception(params, cfg, device)
+                model = _inception(cfg, device)
             except InceptionUnavailable as exc:
                 info.update(status="unavailable", reason=str(exc))
             else:
@@ -102,13 +104,6 @@ def reference(args: argparse.Namespace) -> None:
         run.set_tags({"status": info["status"]})
         print(f"[fid_ref] {meta['role']}: {len(images)} images, " +
               ("statistics cached" if info["status"] == "ok" else f"unavailable: {info['reason']}"))
-
-
-def family_protocol(params: dict[str, Any], cfg: dict[str, Any], variant: str) -> str:
-    """The IS/FID protocol of a variant: ``fid.protocol[<its family>]``, else ``default``, else ``whole``."""
-    family = str((params.get("methods") or {}).get(variant, {}).get("family", ""))
-    table = cfg.get("protocol") or {}
-    return str(table.get(family, table.get("default", "whole")))
 
 
 def score_set(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, pred: np.ndarray | None,
@@ -130,9 +125,10 @@ def score_set(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, pred: n
 def score(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
-    cfg = stage_section(params, "fid")
     info = json.loads((args.samples / "info.json").read_text())
     name = info["variant"]
+    cfg = check_settings(args.config, instance_settings(params, "fid", name))
+    inputs = Inputs(args.inputs)
     with mlflow_run(f"fid@{name}", params, {"variant": name, "dataset": info["dataset"]}) as run:
         run.log_params({"fid": cfg})
         metrics: dict[str, Any] = {"variant": name}
@@ -141,17 +137,17 @@ def score(args: argparse.Namespace) -> None:
         else:
             samples = np.load(args.samples / "samples.npz")
             role = info["dataset"]
-            ref_info = json.loads((args.ref / role / "info.json").read_text())
+            ref_info = json.loads(inputs.need(args.ref / role / "info.json").read_text())
             if ref_info["status"] != "ok":
                 metrics.update(status="unavailable", reason=ref_info["reason"])
             else:
                 try:
-                    model = _inception(params, cfg, device)
+                    model = _inception(cfg, device)
                 except InceptionUnavailable as exc:
                     metrics.update(status="unavailable", reason=str(exc))
                 else:
-                    ref = GaussianStats.load(args.ref / role / "stats.npz")
-                    protocol = family_protocol(params, cfg, name)
+                    ref = GaussianStats.load(inputs.need(args.ref / role / "stats.npz"))
+                    protocol = str(cfg["protocol"])  # fid.protocol of the variant's family
                     metrics.update(status="ok", reference=f"{role} ({ref.n} images)", protocol=protocol)
                     for key in cfg.get("sets", ["buffer", "fresh"]):
                         if key not in samples.files:
@@ -179,10 +175,14 @@ def main() -> None:
     ref = sub.add_parser("reference", help="Inception statistics of a dataset's real images")
     ref.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
     ref.add_argument("--out", type=Path, required=True)
+    ref.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    ref.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     sc = sub.add_parser("score", help="IS and FID of a variant's samples")
     sc.add_argument("--samples", type=Path, required=True)
     sc.add_argument("--ref", type=Path, required=True, help="reference statistics folder of this scale")
     sc.add_argument("--metrics", type=Path, required=True)
+    sc.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    sc.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     args = ap.parse_args()
     (reference if args.command == "reference" else score)(args)
 

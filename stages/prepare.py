@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jem.config.params import dataset_spec, scale_name
+from jem.config.instances import instance_settings
+from jem.config.params import scale_name
 from jem.data.datasets import (
     TORCHVISION_DATASETS,
     interpolate_pairs,
@@ -26,6 +27,7 @@ from jem.data.datasets import (
 )
 from jem.data.synthetic import make_clouds, make_gratings, make_shapes
 from stages.common import StageError, load_params, main_guard
+from stages.declared import check_settings
 from stages.figures import save_grid
 from stages.outputs import write_json
 from stages.tracking import mlflow_run
@@ -82,12 +84,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
     args = ap.parse_args()
 
     params = load_params()
-    scale = scale_name(params)
-    spec = dataset_spec(params, args.role, scale)
-    data = params.get("data", {})
+    settings = check_settings(args.config, instance_settings(params, "prepare", args.role))
+    spec, data = settings["dataset"], settings["data"]
     root = Path(data.get("root", "data/raw"))
     with mlflow_run(f"prepare@{args.role}", params,
                     {"dataset": args.role, "source": spec["source"]}) as run:
@@ -100,7 +102,7 @@ def main() -> None:
             for split, (x, y) in splits.items():
                 save_split(tmp / f"{split}.npz", x, y)
             meta = {
-                "role": args.role, "scale": scale, "source": spec["source"],
+                "role": args.role, "scale": scale_name(params), "source": spec["source"],
                 "num_classes": spec.get("num_classes"), "image_shape": list(splits["test"][0].shape[1:]),
                 "counts": {k: len(v[0]) for k, v in splits.items()},
                 "class_counts": {k: np.bincount(v[1]).tolist() for k, v in splits.items() if spec.get("num_classes")

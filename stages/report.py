@@ -38,8 +38,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from jem.config.params import scale_name, selected_variants
+from jem.config.instances import instance_settings
 from stages.common import StageError, load_params, main_guard
+from stages.declared import check_settings
 from stages.figures import plot_landscape, plot_robustness
 from stages.outputs import building, read_metrics
 from stages.plot_data import write_variant_tables
@@ -292,21 +293,22 @@ def main() -> None:
     ap.add_argument("--samples", type=Path, required=True, help="samples folder of this scale")
     ap.add_argument("--published", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
     args = ap.parse_args()
 
     params = load_params()
-    scale = scale_name(params)
-    variants = selected_variants(params)
+    cfg = check_settings(args.config, instance_settings(params, "report"))
+    scale, variants = str(cfg["scale"]), list(cfg["variants"])
     published = yaml.safe_load(args.published.read_text())
     runs = Runs(args.metrics, variants)
     missing = [v for v, m in runs.by_stage["eval"].items() if m is None]
     if missing:
         raise StageError(f"no evaluate metrics for {', '.join(missing)} under {args.metrics / 'eval'}; "
                          "run dvc repro (the evaluate stages come first)")
-    unknown = sorted({r["variant"] for t in published.values() for r in t["rows"]} - set(params["methods"]))
+    unknown = sorted({r["variant"] for t in published.values() for r in t["rows"]} - set(cfg["methods"]))
     if unknown:
         raise StageError(f"{args.published}: rows name variants not in params.yaml methods: {', '.join(unknown)}")
-    fid_set = str((params.get("fid") or {}).get("sets", ["buffer"])[0])
+    fid_set = str(cfg["fid_set"])
 
     header = (f"Scale **{scale}** (commit {_commit()}). *ours*: accuracy, ECE and OOD from "
               f"`metrics/{scale}/eval/<variant>.json`, IS/FID ({fid_set} samples, under the protocol each row "
@@ -354,7 +356,7 @@ def main() -> None:
                                 tmp, rob_header, 1))
             missing_figs = figures(runs, args.plots, args.samples, tmp / "figures")
             missing_figs += write_variant_tables(args.plots, variants, tmp / "plots",  # for dvc plots
-                                                 list((params.get("evaluate") or {}).get("ood_sets", [])))
+                                                 list(cfg["ood_sets"]))
             fig_list = "\n".join(f"- [{p.name}](figures/{p.name})" for p in sorted((tmp / "figures").glob("*.png")))
             parts.append(f"## Figures\n\n{fig_list}\n")
             if missing_figs:

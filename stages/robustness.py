@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from jem.config.settings import stage_section
+from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.evaluation.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
-from stages.common import load_params, load_selected, main_guard, setup_run
+from stages.common import load_params, main_guard, setup_run
+from stages.declared import Inputs, check_settings
 from stages.figures import plot_robustness
 from stages.outputs import building, write_metrics
 from stages.tracking import mlflow_run
+from stages.weights import load_selected
 
 
 def _radius_key(norm: str, eps: float) -> str:
@@ -48,14 +50,17 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="prepared data folder of this scale")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    ap.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     args = ap.parse_args()
 
     params = load_params()
     device = setup_run(params)
-    cfg = stage_section(params, "robustness")
-    model, variant, select = load_selected(args.model, "robustness", str(cfg.get("select", "last")), device, params)
+    cfg = check_settings(args.config, instance_settings(params, "robustness", args.model.name))
+    inputs = Inputs(args.inputs)
+    model, variant, select = load_selected(args.model, "robustness", str(cfg["select"]), device, params)
     role = variant.dataset
-    x, y = (torch.from_numpy(a) for a in load_split(args.data / role / "test.npz"))
+    x, y = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "test.npz")))
     n = min(int(cfg.get("images", 1000)), len(x))
     if cfg.get("shuffle"):  # the reference attacks the first batches of a shuffled test loader
         pick = torch.from_numpy(np.sort(np.random.default_rng(int(cfg.get("seed", 0))).permutation(len(x))[:n]))
@@ -71,7 +76,7 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"robustness@{variant.name}", params, tags) as run:
         run.log_params({"robustness": cfg})
-        run.log_dataset(args.data / role / "test.npz", "testing")
+        run.log_dataset(args.data / role / "test.npz", "testing", x.numpy(), y.numpy())
         metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n,
                                    "pgd_success": success}
         rows: list[tuple[str, str, float, float]] = []

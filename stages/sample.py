@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jem.config.settings import stage_section
+from jem.config.instances import instance_settings
 from jem.config.variant import Variant
 from jem.evaluation.metrics import predict_logits
 from jem.method.gmm import load_mixture_stats
 from jem.method.samplers import sample, without_bn_updates
 from jem.method.train import build_p0
-from stages.common import load_params, load_selected, main_guard, setup_run
+from stages.common import load_params, main_guard, setup_run
+from stages.declared import Inputs, check_settings
 from stages.figures import save_grid
 from stages.outputs import building, write_json
 from stages.tracking import mlflow_run
+from stages.weights import load_selected
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -80,12 +82,15 @@ def main() -> None:
     ap.add_argument("--model", type=Path, required=True, help="trained variant folder")
     ap.add_argument("--gmm", type=Path, required=True, help="mixture statistics folder of this scale")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    ap.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     args = ap.parse_args()
 
     params = load_params()
     device = setup_run(params)
-    cfg = stage_section(params, "sample")
-    model, variant, select = load_selected(args.model, "sample", str(cfg.get("select", "last")), device, params)
+    cfg = check_settings(args.config, instance_settings(params, "sample", args.model.name))
+    inputs = Inputs(args.inputs)
+    model, variant, select = load_selected(args.model, "sample", str(cfg["select"]), device, params)
     role = variant.dataset
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     if not variant.uses_sampler:  # the papers report no IS/FID for softmax baselines
@@ -95,7 +100,7 @@ def main() -> None:
         print(f"[sample] {variant.name}: softmax baseline, no samples (the papers report none)")
         return
     final = torch.load(args.model / "final.pt", map_location="cpu", weights_only=False)
-    mixture = load_mixture_stats(args.gmm / role / "stats.pt") if variant.buffer.init == "gmm" else None
+    mixture = load_mixture_stats(inputs.need(args.gmm / role / "stats.pt")) if variant.buffer.init == "gmm" else None
     p0 = build_p0(variant, (variant.model.in_channels, variant.model.image_size, variant.model.image_size),
                   mixture, device)
     steps = int(cfg.get("fresh_steps") or variant.sampler.steps)

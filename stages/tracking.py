@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jem.config.errors import InputError
@@ -202,33 +203,26 @@ class StageRun:
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_dataset(self, path: Path, context: str) -> None:
-        """A prepared split (``.npz`` of images and labels) as an MLflow dataset input of this run:
-        named ``<role>/<split>``, its source the repository-relative path, MLflow's digest of the
-        arrays and their shape (rows) in the profile."""
+    def log_dataset(self, path: Path, context: str, images: Any, labels: Any) -> None:
+        """A prepared split (``path``, an ``.npz`` the stage read as ``images`` and ``labels``) as an
+        MLflow dataset input of this run: named ``<role>/<split>``, its source the repository-relative
+        path, MLflow's digest of the arrays and their shape (rows) in the profile."""
         import mlflow
         from mlflow.data.sources import LocalArtifactDatasetSource
 
-        from jem.data.datasets import load_split
-
-        images, labels = load_split(path)
+        images, labels = np.asarray(images), np.asarray(labels)
         source = LocalArtifactDatasetSource(str(path))
         dataset = mlflow.data.from_numpy(images, source=source, targets=labels, name=_dataset_name(path))
         mlflow.log_input(dataset, context=context)
 
-    def log_model(self, weights: Path, example: Any) -> None:
-        """The trained weights as an MLflow PyTorch model named ``model`` (under the run's Logged
-        models), with the signature of ``example`` (uint8 images, fed as [-1, 1] floats) -> logits,
-        saved as an exported graph (MLflow's safe ``pt2`` format, no pickled code), so
-        ``mlflow.pytorch.load_model`` needs no checkout."""
+    def log_model(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        """A trained network (eval mode, on the CPU) as an MLflow PyTorch model named ``model`` (under
+        the run's Logged models), with the signature of the input batch ``x`` -> logits, saved as an
+        exported graph (MLflow's safe ``pt2`` format, no pickled code), so ``mlflow.pytorch.load_model``
+        needs no checkout."""
         import mlflow
         from mlflow.models import infer_signature
 
-        from jem.data.batches import to_unit_range
-        from jem.method.models import load_model
-
-        model, _ = load_model(weights, "cpu")
-        x = to_unit_range(torch.as_tensor(example)).float()
         with torch.no_grad():
             logits = model(x)
         mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x.numpy(), logits.numpy()),
@@ -251,10 +245,10 @@ class NullRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_dataset(self, path: Path, context: str) -> None:
+    def log_dataset(self, path: Path, context: str, images: Any, labels: Any) -> None:
         pass
 
-    def log_model(self, weights: Path, example: Any) -> None:
+    def log_model(self, model: torch.nn.Module, x: torch.Tensor) -> None:
         pass
 
 

@@ -40,18 +40,21 @@ from typing import Any
 
 import torch
 
-from jem.config.params import resolve_variant, scale_name, variant_dataset
+from jem.config.instances import instance_settings
+from jem.config.params import scale_name
 from jem.config.settings import section
-from jem.config.variant import resolve_perf
+from jem.config.variant import Variant, resolve_perf
+from jem.data.batches import to_unit_range
 from jem.data.datasets import load_split
 from jem.evaluation.metrics import accuracy, calibration, predict_logits
 from jem.method.gmm import load_mixture_stats
-from jem.method.models import save_model
+from jem.method.models import load_model, save_model
 from jem.method.train import DivergenceError, Trainer
 from jem.runtime import distributed
 from jem.runtime.checkpoint import CheckpointDir
 from jem.runtime.distributed import barrier
-from stages.common import load_params, main_guard, setup_run
+from stages.common import StageError, load_params, main_guard, setup_run
+from stages.declared import Inputs, check_settings
 from stages.figures import plot_learning_curves
 from stages.outputs import building, write_metrics
 from stages.tracking import mlflow_run
@@ -120,6 +123,8 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
     ap.add_argument("--checkpoints", type=Path, required=True)
+    ap.add_argument("--config", type=Path, help="its settings (stage configure), checked against params.yaml")
+    ap.add_argument("--inputs", type=Path, help="its input fingerprints (stages inputs_*): each file read is checked")
     args = ap.parse_args()
 
     params = load_params()
@@ -131,15 +136,21 @@ def main() -> None:
     info, device = distributed.init(device)
     say = log if info.is_main else quiet
     name = args.variant
-    role = variant_dataset(params, name)
-    meta = json.loads((args.data / role / "meta.json").read_text())
-    variant = resolve_variant(params, name, num_classes=int(meta["num_classes"]))
-    x, y = (torch.from_numpy(a) for a in load_split(args.data / role / "train.npz"))
+    settings = check_settings(args.config, instance_settings(params, "train", name))
+    inputs = Inputs(args.inputs)
+    variant = Variant.from_dict(settings["variant"], where=f"methods.{name}")
+    role = variant.dataset
+    meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
+    if int(meta["num_classes"]) != variant.model.num_classes:
+        raise StageError(f"{args.data / role} has {meta['num_classes']} classes, datasets.{role}.<scale>.num_classes "
+                         f"says {variant.model.num_classes}; correct params.yaml")
+    x, y = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "train.npz")))
     val = None
     if (args.data / role / "val.npz").exists():
-        val = tuple(torch.from_numpy(a) for a in load_split(args.data / role / "val.npz"))
-    mixture = load_mixture_stats(args.gmm / role / "stats.pt") if variant.buffer.init == "gmm" else None
-    val_every = int(params.get("train", {}).get("val_every", 1))
+        val = tuple(torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "val.npz")))
+    mixture = (load_mixture_stats(inputs.need(args.gmm / role / "stats.pt")) if variant.buffer.init == "gmm"
+               else None)
+    val_every = int(settings["val_every"])
     checkpoints = CheckpointDir(args.checkpoints, keep=variant.train.keep_checkpoints)
     best_path = args.checkpoints / "best_val.pt"
 
@@ -182,7 +193,8 @@ def main() -> None:
         run.set_tags({"resumed_from_step": trainer.step})
         for split, context in (("train", "training"), ("val", "validation")):
             if (args.data / role / f"{split}.npz").exists():
-                run.log_dataset(args.data / role / f"{split}.npz", context)
+                arrays = (x, y) if split == "train" else val
+                run.log_dataset(args.data / role / f"{split}.npz", context, *(a.numpy() for a in arrays))
 
         def on_log(step: int, stats: dict[str, float]) -> None:
             row = {"step": step, "epoch": step / trainer.iters_per_epoch, **stats}
@@ -272,7 +284,9 @@ def main() -> None:
             "recovery_retries": len(events), "remedies": ",".join(trainer.remedies) or "none",
         }
         write_metrics(args.metrics, metrics)
-        run.log_model(args.out / "final.pt", x[:2].numpy())
+        if info.is_main:
+            exported, _ = load_model(args.out / "final.pt", "cpu")  # the saved weights, as later stages read them
+            run.log_model(exported, to_unit_range(x[:2]).float())
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_artifact(args.plots)
         val_text = f"{metrics['val_acc']:.4f}" if metrics["val_acc"] is not None else "n/a"

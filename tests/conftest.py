@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # What `dvc repro` writes in a checkout; a copy for a test starts without any of it.
-PIPELINE_OUTPUTS = ("data/", "gmm/", "models/", "samples/", "metrics/", "plots/", "checkpoints/", "dvc.lock")
+PIPELINE_OUTPUTS = ("data/", "gmm/", "fid_ref/", "config/", "models/", "samples/", "metrics/", "plots/", "checkpoints/",
+                    "dvc.lock")
 
 
 def copy_repo(dest: Path) -> None:

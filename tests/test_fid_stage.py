@@ -57,14 +57,16 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # 24 reference images of 2048 features: a singular covariance, as expected with so few
 @pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:invalid value encountered")
 def test_reference_then_score_record_real_numbers(workspace: Path):
-    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10")))
+    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10"),
+                                           config=None, inputs=None))
     info = json.loads((workspace / "fid_ref/tiny/cifar10/info.json").read_text())
     assert info["status"] == "ok" and info["images"] == 24 and info["splits"] == ["train", "val", "test"]
     ref = GaussianStats.load(workspace / "fid_ref/tiny/cifar10/stats.npz")
     assert ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048) and ref.n == 24
 
     fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
-                                       metrics=Path("metrics/tiny/fid/sadajem_k5.json")))
+                                       metrics=Path("metrics/tiny/fid/sadajem_k5.json"),
+                                       config=None, inputs=None))
     metrics = read_metrics(workspace / "metrics/tiny/fid/sadajem_k5.json")  # numbers and notes joined
     assert metrics["status"] == "ok" and metrics["reference"] == "cifar10 (24 images)"
     assert metrics["protocol"] == "sadajem"  # sadajem_k5's family protocol
@@ -91,10 +93,11 @@ def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypa
         raise InceptionUnavailable("Inception weights not found at weights/x.pth; download it")
 
     monkeypatch.setattr(fid_stage, "load_fid_inception", missing)
-    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10")))
+    fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10"),
+                                           config=None, inputs=None))
     assert not (workspace / "fid_ref/tiny/cifar10/stats.npz").exists()
     fid_stage.score(argparse.Namespace(samples=Path("samples/tiny/sadajem_k5"), ref=Path("fid_ref/tiny"),
-                                       metrics=Path("m.json")))
+                                       metrics=Path("m.json"), config=None, inputs=None))
     metrics = read_metrics(workspace / "m.json")
     assert metrics["status"] == "unavailable" and "weights/x.pth" in metrics["reason"]
     assert set(metrics) == {"variant", "status", "reason"}  # no number at all

@@ -43,3 +43,62 @@ def test_library_root_holds_packages_only():
     packages = sorted(p.name for p in (ROOT / "jem").iterdir() if (p / "__init__.py").exists())
     assert modules == ["__init__.py"]
     assert packages == ["bench", "config", "data", "evaluation", "method", "runtime"]
+
+
+# ---- dvc.yaml's code dependencies are the stages' import closures ---------------------------------
+def import_closure(graph: grimp.ImportGraph, entry: str) -> set[str]:
+    """The files of jem/ and stages/ that ``python -m <entry>`` may execute: every module it imports,
+    directly or not (imports inside functions included), and the ``__init__`` of every package on
+    the way (Python runs them when it imports a submodule)."""
+    modules: set[str] = set()
+    todo = [entry]
+    while todo:
+        module = todo.pop()
+        if module in modules:
+            continue
+        modules.add(module)
+        todo += graph.find_modules_directly_imported_by(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+    files = set()
+    for module in modules:
+        path = ROOT.joinpath(*module.split("."))
+        files.add((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(ROOT).as_posix())
+    return files
+
+
+def _stage_definitions() -> dict[str, dict]:
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def test_every_stage_depends_on_exactly_the_code_its_entry_point_imports():
+    """A module a stage imports but does not declare leaves results DVC calls up to date although the
+    code would no longer produce them; one it declares but does not import reruns it for nothing."""
+    import re
+
+    graph = _graph()
+    problems = []
+    for name, stage in _stage_definitions().items():
+        entry = re.search(r"python -m (stages\.\w+)", stage["cmd"])
+        assert entry, f"{name}: its cmd runs no stages.<module> entry point: {stage['cmd']}"
+        declared = {d for d in stage.get("deps", []) if isinstance(d, str) and re.match(r"(jem|stages)(/|$)", d)}
+        assert all(d.endswith(".py") for d in declared), f"{name}: a code dependency names a folder: {declared}"
+        closure = import_closure(graph, entry.group(1))
+        if declared != closure:
+            ordered = sorted(closure, key=lambda f: (not f.startswith("stages"), f))
+            problems.append(f"{name}: missing {sorted(closure - declared)}, not imported {sorted(declared - closure)}; "
+                            "its code deps are:\n" + "\n".join(f"  - {f}" for f in ordered))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_closure_follows_imports_inside_functions_and_package_inits():
+    graph = _graph()
+    closure = import_closure(graph, "stages.train")
+    assert {"stages/__init__.py", "jem/__init__.py", "jem/runtime/__init__.py", "jem/runtime/distributed.py",
+            "jem/method/train.py", "stages/train.py"} <= closure
+    assert "jem/evaluation/inception.py" not in closure and "stages/report.py" not in closure
+    graph.add_import(importer="stages.train", imported="jem.evaluation.inception")
+    assert "jem/evaluation/inception.py" in import_closure(graph, "stages.train")

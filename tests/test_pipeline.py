@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,10 @@ from .conftest import copy_repo, rest_api, run_ok, stage_env, tracking_server
 
 def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+# the stages that write what the others declare they read: settings (configure) and input fingerprints
+CHEAP = {"configure", "inputs_data", "inputs_fid"}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +90,7 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     runs = [r for r in everything if "dvc_stage" in r.data.tags]
     parents = {r.info.run_name: r for r in everything if "dvc_stage" not in r.data.tags}
     names = [r.info.run_name for r in runs]
-    assert sorted(names) == sorted(stages - {"check_params"}), "one MLflow run per stage (the params check logs none)"
+    assert sorted(names) == sorted(stages - CHEAP), "one MLflow run per stage (configure and inputs_* log none)"
     assert set(parents) == {*variants, "datasets"}, "one parent run per variant, one for the data stages"
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -110,12 +114,6 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     assert not _ran(second), f"a second repro reran {_ran(second)}"
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(everything)
 
-    edited = yaml.safe_load((path / "params.yaml").read_text())
-    edited["methods"]["sadajem_k5"]["optim"] = {"rho": 0.3}
-    (path / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
-    status = json.loads(run_ok([*dvc, "status", "--json"], path, env).strip().splitlines()[-1])
-    assert set(status) == {"train@sadajem_k5"}  # the rest of its chain follows from train's outputs:
-    # the queued-experiment test below reruns it and checks that exactly that chain and the report ran
 
 
 def _leaves(tree: object) -> Iterator[object]:
@@ -202,6 +200,96 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         with torch.no_grad():
             np.testing.assert_allclose(served(x).numpy(), predict_logits(ours, torch.from_numpy(images[:5])).numpy(),
                                        rtol=1e-4, atol=1e-4)
+
+
+def _status(path: Path, env: dict[str, str]) -> set[str]:
+    out = run_ok([sys.executable, "-m", "dvc", "status", "--json"], path, env)
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def _set(tree: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _params_edit(changes: dict[str, object]) -> Callable[[str], str]:
+    def edit(text: str) -> str:
+        params = yaml.safe_load(text)
+        for key, value in changes.items():
+            _set(params, key, value)
+        return yaml.safe_dump(params, sort_keys=False)
+    return edit
+
+
+V = ("softmax", "sadajem_k5")
+PER_VARIANT = ("train", "sample", "evaluate", "fid", "robustness")
+SETTINGS_RERUN = CHEAP  # a params edit that changes some instance's settings: configure, then the fingerprints
+# (what is edited, how, the cheap and data stages `dvc repro inputs_data inputs_fid` runs, what `dvc status`
+# then flags: the expensive stages `dvc repro` would run next)
+EDITS = [
+    ("a family key", "params.yaml", _params_edit({"families.sadajem.sampler.step_size": 0.9}),
+     SETTINGS_RERUN, {"train@sadajem_k5"}),
+    ("a method key", "params.yaml", _params_edit({"methods.sadajem_k5.optim": {"rho": 0.3}}),
+     SETTINGS_RERUN, {"train@sadajem_k5"}),
+    ("a key of this scale", "params.yaml", _params_edit({"scales.tiny.variant.train.log_every": 2}),
+     SETTINGS_RERUN, {"train@softmax", "train@sadajem_k5"}),
+    ("a key of another scale", "params.yaml", _params_edit({"scales.demo.variant.model.width": 2}),
+     {"configure"}, set()),
+    ("a stage-section key", "params.yaml", _params_edit({"evaluate.ece_bins": 10}),
+     SETTINGS_RERUN, {"evaluate@softmax", "evaluate@sadajem_k5"}),
+    ("a family's entry of a stage-section table", "params.yaml", _params_edit({"evaluate.input_noise.sadajem": 0.01}),
+     SETTINGS_RERUN, {"evaluate@sadajem_k5"}),
+    ("a generative-only key of a softmax variant's family", "params.yaml",
+     _params_edit({"families.softmax.sampler": {"steps": 3}}), {"configure"}, set()),
+    ("another dataset role (the near-OOD set)", "params.yaml", _params_edit({"datasets.cifar100.tiny.seed": 5}),
+     SETTINGS_RERUN | {"prepare@cifar100", "gmm@cifar100", "fid_ref@cifar100"},
+     {"evaluate@softmax", "evaluate@sadajem_k5"}),
+    ("a module training imports", "jem/runtime/distributed.py", lambda text: text + "# an edit\n",
+     {"gmm@cifar10", "gmm@cifar100", "fid_ref@cifar10", "fid_ref@cifar100"},
+     {f"{s}@{v}" for s in PER_VARIANT for v in V}),
+    ("a module only evaluation imports", "jem/evaluation/ood.py", lambda text: text + "# an edit\n",
+     set(), {"evaluate@softmax", "evaluate@sadajem_k5"}),
+    ("a comment in params.yaml", "params.yaml", lambda text: text.replace("\nvariants:", "\n# a note\nvariants:", 1),
+     set(), set()),
+    ("the order of params.yaml's keys", "params.yaml",
+     lambda text: yaml.safe_dump(yaml.safe_load(text), sort_keys=True), set(), set()),
+]
+
+
+@pytest.mark.slow
+def test_each_edit_reruns_exactly_the_stages_that_read_what_changed(repo):
+    """README "The DAG": one edit at a time, the real `dvc repro` of the stages that resolve settings and
+    fingerprint data (and so the data stages the edit reaches), then `dvc status` names exactly the
+    expensive stages that read what changed; undone, the workspace is up to date again. Last, a family
+    edit and a full `dvc repro`: only that family's variant retrains, with its chain and the report."""
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    if "Data and pipelines are up to date" not in run_ok([*dvc, "status"], path, env):
+        run_ok([*dvc, "repro"], path, env)
+    run_ok(["git", "add", "-A"], path, env)
+    run_ok(["git", "commit", "-qm", "results", "--allow-empty"], path, env)
+    cheap = [*dvc, "repro", "inputs_data", "inputs_fid"]
+    for what, file, edit, ran, flagged in EDITS:
+        before = (path / file).read_text()
+        (path / file).write_text(edit(before))
+        assert _ran(run_ok(cheap, path, env)) == ran, what
+        assert _status(path, env) == flagged, what
+        (path / file).write_text(before)
+        run_ok(cheap, path, env)
+        assert not _status(path, env), f"{what}: undone, yet not up to date"
+
+    # dvc params diff shows the edit in params.yaml and in the variant's own settings file
+    (path / "params.yaml").write_text(EDITS[0][2]((path / "params.yaml").read_text()))
+    out = run_ok([*dvc, "repro"], path, env)
+    # (configure and inputs_* ran for this very edit above: DVC's run cache restores them now)
+    assert _ran(out) - CHEAP == {f"{s}@sadajem_k5" for s in PER_VARIANT} | {"report"}
+    diff = json.loads(run_ok([*dvc, "params", "diff", "--json"], path, env).strip().splitlines()[-1])
+    change = {"old": 1.0, "new": 0.9, "diff": pytest.approx(-0.1)}
+    assert diff["params.yaml"] == {"families.sadajem.sampler.step_size": change}
+    assert diff["config/tiny/settings/train/sadajem_k5.yaml"] == {"variant.sampler.step_size": change}
+    assert set(diff) == {"params.yaml", "config/tiny/settings/train/sadajem_k5.yaml"}
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from .test_settings import MALFORMED, edit, setitem
 
 V = "sadajem_k5"
 STAGES = {
-    "check_params": ["stages.check_params", "--out", "data/params.checked"],
+    "configure": ["stages.configure", "--out", "config/demo/settings"],
     "prepare": ["stages.prepare", "--role", "cifar10", "--out", "data/demo/cifar10"],
     "gmm": ["stages.gmm", "--data", "data/demo/cifar10", "--out", "gmm/demo/cifar10"],
     "train": ["stages.train", "--variant", V, "--data", "data/demo", "--gmm", "gmm/demo", "--out", f"models/demo/{V}",
@@ -41,7 +41,8 @@ EXISTING = [
     f"plots/demo/train/{V}/curves.png", f"samples/demo/{V}/samples.npz", f"samples/demo/{V}/info.json",
     f"metrics/demo/eval/{V}.json", f"plots/demo/eval/{V}/reliability.png", "fid_ref/demo/cifar10/stats.npz",
     f"metrics/demo/fid/{V}.json", f"metrics/demo/robustness/{V}.json", "reports/demo/README.md",
-    "reports/published.yaml", "mlflow.db",
+    "reports/published.yaml", "mlflow.db", f"config/demo/settings/train/{V}.yaml",
+    f"config/demo/inputs/data/train/{V}.json",
 ]
 NOT_YAML = "scale: demo\nvariants: [softmax\n"
 

@@ -27,7 +27,7 @@ from jem.config.errors import InputError
 from jem.runtime.checkpoint import atomic_write
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(InputError):
     """A dataset is not under the configured root and cannot be downloaded. Message is ONE line."""
 
 
