@@ -60,7 +60,8 @@ def main() -> None:
     inputs = Inputs(args.inputs)
     model, variant, select = load_selected(args.model, "robustness", str(cfg["select"]), device, params)
     role = variant.dataset
-    x, y = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "test.npz")))
+    test_split = load_split(inputs.need(args.data / role / "test.npz"))
+    x, y = (torch.from_numpy(a) for a in test_split)
     n = min(int(cfg.get("images", 1000)), len(x))
     if cfg.get("shuffle"):  # the reference attacks the first batches of a shuffled test loader
         pick = torch.from_numpy(np.sort(np.random.default_rng(int(cfg.get("seed", 0))).permutation(len(x))[:n]))
@@ -76,7 +77,7 @@ def main() -> None:
     tags = {"variant": variant.name, "family": variant.family, "dataset": role}
     with mlflow_run(f"robustness@{variant.name}", params, tags) as run:
         run.log_params({"robustness": cfg})
-        run.log_dataset(args.data / role / "test.npz", "testing", x.numpy(), y.numpy())
+        run.log_dataset(args.data / role / "test.npz", "testing", *test_split)
         metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n,
                                    "pgd_success": success}
         rows: list[tuple[str, str, float, float]] = []
