@@ -13,8 +13,9 @@ import-linter contracts check this in ``make test``):
 * ``data``: datasets (``datasets``), procedural stand-ins (``synthetic``), batches and
   augmentation (``batches``);
 * ``runtime``: exact-resume checkpoints (``checkpoint``), process groups (``distributed``);
-* ``config``: the variant (``variant``), the stage sections and the params schema
-  (``settings``), variant lookup in the params file (``params``), one-line errors (``errors``).
+* ``config``: each stage instance's settings, resolved (``instances``), the variant
+  (``variant``), the stage sections and the params schema (``settings``), variant lookup in the
+  params file (``params``), one-line errors (``errors``).
 """
 
 __version__ = "0.1.0"
