@@ -142,3 +142,31 @@ def test_an_image_broken_by_any_iterate_counts_as_broken():
     assert fooled[0].all() and (final * 2 - 1).mean() == pytest.approx(-0.1, abs=1e-5)
     # a fixed step (the reference's 2/255) replaces the relative one
     assert make_attack("linf", 5, rel_stepsize=0.5, abs_stepsize=2 / 255).abs_stepsize == pytest.approx(2 / 255)
+
+
+class _WrongAtCleanPoints(nn.Module):
+    """Wrong (the other class) exactly at the given clean images, right anywhere else, with a zero
+    gradient: no PGD iterate (random start included) fools it, only the clean points do."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        self.x, self.y = x, y
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dist = (z[:, None] - self.x[None]).flatten(2).abs().amax(-1)  # (batch, stored)
+        nearest = dist.argmin(1)
+        label = self.y[nearest]
+        label = torch.where(dist.min(1).values < 1e-6, 1 - label, label)
+        return 10 * nn.functional.one_hot(label, 2).float() + 0 * z.sum(dim=(1, 2, 3))[:, None]
+
+
+def test_an_image_wrong_when_clean_counts_as_broken_under_any_iterate():
+    """The reference's accounting starts from clean correctness: a model wrong only at the clean
+    points has robust accuracy 0, not 1, at every radius (robust accuracy never exceeds clean)."""
+    x, y = _data(8)
+    model = _WrongAtCleanPoints(x, y).eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) != y).all()  # clean accuracy 0
+    args = dict(norm="linf", epsilons=[2 / 255, 8 / 255], steps=3, batch_size=4)
+    assert pgd_accuracy(model, x, y, success="any_iterate", **args) == [0.0, 0.0]
+    assert pgd_accuracy(model, x, y, success="final", **args) == [1.0, 1.0]  # foolbox's own: the final iterate

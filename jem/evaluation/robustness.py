@@ -7,8 +7,8 @@ papers, and an L2 radius is measured on [0, 1] images.
 * ``pgd_accuracy``: foolbox's ``LinfPGD`` / ``L2PGD`` (random start) at each radius of a
   sweep; robust accuracy = the fraction of images still classified correctly. With
   ``success="any_iterate"`` (the reference code's accounting, and the stronger attack) an
-  image counts as broken when *any* PGD iterate fools the model, not only foolbox's final
-  one: the predictions come from the logits the attack's loss already computes at every
+  image counts as broken when the model misclassifies it clean or at *any* PGD iterate, not
+  only at foolbox's final one: the predictions come from the logits the attack's loss already computes at every
   iterate, so it costs no extra forward pass. The step is foolbox's ``rel_stepsize`` times
   the radius, or a fixed ``abs_stepsize`` (the reference: 2/255 under L-inf).
 * ``bpda_eot_accuracy``: the defended classifier first *purifies* its input: noisy copies
@@ -199,8 +199,10 @@ def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n
                  success: str = "any_iterate") -> list[float]:
     """Accuracy under foolbox PGD at each radius (pixel scale [0, 1]); model in eval mode.
 
-    ``success``: ``any_iterate`` counts an image as broken when any iterate fooled the model
-    (the reference code's accounting); ``final`` only when foolbox's final iterate does.
+    ``success``: ``any_iterate`` counts an image as broken when the model misclassifies it clean
+    or at any iterate (the reference code's accounting: ``bpda_eot_attack.py`` starts from the
+    clean prediction's correctness, so robust accuracy never exceeds clean accuracy); ``final``
+    only when foolbox's final iterate fools it.
     """
     if success not in SUCCESS:
         raise ValueError(f"success must be one of {SUCCESS}, got {success!r}")
@@ -210,12 +212,15 @@ def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n
     try:
         for x, y in _batches(images, labels, batch_size, device):
             fooled: list[torch.Tensor] | None = [] if success == "any_iterate" else None
+            if fooled is not None:  # the reference starts from the clean prediction: wrong clean is broken
+                with torch.no_grad():
+                    clean_right = (model(2 * x - 1).argmax(1) == y).cpu()
             for k, adv in enumerate(pgd_examples(model, x, y, norm, epsilons, steps, rel_stepsize, abs_stepsize,
                                                  fooled)):
                 with torch.no_grad():
                     right = (model(2 * adv - 1).argmax(1) == y).cpu()
                 if fooled is not None:
-                    right &= ~fooled[k]
+                    right &= ~fooled[k] & clean_right
                 correct[k] += right.sum().item()
     finally:
         model.train(was_training)
