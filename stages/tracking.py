@@ -305,8 +305,9 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
                 client.set_experiment_tag(experiment_id, key, value)
         parent = _parent_run(client, experiment_id, group, scale, dvc_exp) if group else None
     commit = _git_commit()
+    table_run = os.environ.get("JEM_TABLE_RUN")  # set by `python -m stages.table`: every run of one table run
     all_tags = {"dvc_stage": stage, "stage": kind, "scale": scale, "git_commit": commit, "dvc_exp": dvc_exp,
-                **_source_tags(kind, commit), **tags}
+                **({"table_run": table_run} if table_run else {}), **_source_tags(kind, commit), **tags}
     active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
                               tags={k: str(v) for k, v in all_tags.items()},
                               log_system_metrics=kind in SYSTEM_METRICS_STAGES and _system_metrics_available())

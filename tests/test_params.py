@@ -69,6 +69,19 @@ def test_published_rows_name_defined_variants():
     assert named <= set(PARAMS["methods"])
 
 
+def test_each_named_table_trains_the_variants_its_published_table_compares():
+    """`tables` in params.yaml (what `python -m stages.table <name>` trains) and the rows of the published
+    table of the same name (what the report compares them with) name the same variants, in order."""
+    published = yaml.safe_load((ROOT / "reports" / "published.yaml").read_text())
+    tables = PARAMS["tables"]
+    assert {"sadajem_table1", "sadajem_table2", "sadajem_table5", "sadajem_table6", "jempp_table2", "jempp_table3",
+            "jempp_table4", "jempp_table5"} <= set(tables)
+    for name, variants in tables.items():
+        if name in published:
+            assert variants == list(dict.fromkeys(row["variant"] for row in published[name]["rows"])), name
+    assert tables["demo"] == PARAMS["variants"]
+
+
 def test_clear_errors_for_unknown_names():
     with pytest.raises(ConfigError, match=r"variant: 'sadajem_k50' is not defined \(did you mean 'sadajem_k5'\?\)"):
         resolve_variant(PARAMS, "sadajem_k50", "paper")

@@ -124,6 +124,87 @@ def _leaves(tree: object) -> Iterator[object]:
         yield tree
 
 
+def _state(path: Path, variant: str) -> dict:
+    import torch
+
+    return torch.load(path / "models" / "tiny" / variant / "final.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(repo, tmp_path):
+    """`python -m stages.table --workers 2` in a fresh copy: the same weights and metrics as the sequential
+    `dvc repro` of the first test, every stage in dvc.lock, `dvc status` clean, one MLflow run per stage
+    tagged with the table run. Then a worker killed mid-training: one line names its variant and log, the
+    rerun resumes it from its checkpoint and does not retrain the variant that had finished."""
+
+    import torch
+
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    if not (path / "dvc.lock").exists():
+        run_ok([*dvc, "repro"], path, env)
+    work = tmp_path / "table"
+    work.mkdir()
+    copy_repo(work)
+    (work / "params.yaml").write_text((path / "params.yaml").read_text())
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run_ok(cmd, work, env)
+    table = [sys.executable, "-m", "stages.table", "--workers", "2", "--threads", "0"]  # torch's threads, as dvc repro
+    out = run_ok(table, work, env)
+    assert "every stage up to date" in out and "train@sadajem_k5: started" in out, out
+    assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
+    stages = set(run_ok([*dvc, "stage", "list", "--name-only"], work, env).split())
+    assert set(yaml.safe_load((work / "dvc.lock").read_text())["stages"]) == stages
+    for v in ("softmax", "sadajem_k5"):
+        ours, sequential = _state(work, v), _state(path, v)
+        assert all(torch.equal(ours["model"][k], t) for k, t in sequential["model"].items()), v
+        if sequential.get("buffer") is not None:
+            assert torch.equal(ours["buffer"]["samples"], sequential["buffer"]["samples"])
+        for kind in ("eval", "robustness"):
+            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}.json") for p in (work, path))
+            assert a == b, (v, kind)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
+                                          max_results=1000) if "dvc_stage" in r.data.tags]
+    assert sorted(r.info.run_name for r in runs) == sorted(stages - CHEAP)  # parallel writers lost no run
+    assert len({r.data.tags["table_run"] for r in runs}) == 1 and all(r.info.status == "FINISHED" for r in runs)
+
+    # both variants retrain (a key their checkpoints were written for); the longer one is killed once it
+    # has written a checkpoint
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["scales"]["tiny"]["variant"]["optim"]["warmup_iters"] = 5
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    started = time.time()
+    proc = subprocess.Popen(table, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = work / "checkpoints" / "tiny" / "sadajem_k5"
+
+    def new_checkpoint() -> bool:  # the first run's checkpoints are set aside when the params changed
+        return any(p.stat().st_mtime > started for p in checkpoints.glob("step-*.pt"))
+
+    deadline = time.time() + 600
+    while not new_checkpoint() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = subprocess.run(["pkill", "-KILL", "-f", "stages.train --variant sadajem_k5"], capture_output=True)
+    assert killed.returncode == 0, "no training process to kill"
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 1, stdout + stderr
+    failed = [line for line in stderr.splitlines() if line.startswith("error: train@")]
+    assert len(failed) == 1 and "train@sadajem_k5 failed" in failed[0], stderr
+    log = Path(work / failed[0].rsplit("its log: ", 1)[1])
+    assert log.exists() and "Running stage 'train@sadajem_k5'" in log.read_text()
+    assert (work / "models" / "tiny" / "softmax" / "final.pt").exists()
+
+    again = run_ok(table, work, env)
+    assert "every stage up to date" in again
+    logs = sorted((work / "logs" / "tiny").iterdir())[-1]
+    assert "Running stage" not in (logs / "train@softmax.log").read_text()  # finished: not retrained
+    assert "resumed from checkpoints/tiny/sadajem_k5/step-" in (logs / "train@sadajem_k5.log").read_text()
+    assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
+
+
 @pytest.mark.slow
 def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_path):
     """After `dvc repro`: through a real tracking server's REST API, the experiment opens in the

@@ -52,6 +52,9 @@ def both(*fns: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], N
 
 
 MALFORMED = [
+    # a table names a method that is not defined
+    (setitem("tables.sadajem_table1", ["sadajem_k5", "sadajem_k50"]), r"tables.sadajem_table1: 'sadajem_k50' is not defined \(did you mean 'sadajem_k5'\?\)"),
+    (setitem("tables.demo", []), r"tables.demo = \[\]: expected a non-empty list of distinct method names"),
     # unknown keys, with a "did you mean"
     (setitem("robustnes", {}), r"params.yaml.robustnes: unknown key \(did you mean 'robustness'\?\)"),
     (setitem("methods.sadajem_k5.sampler.stpes", 3), r"methods.sadajem_k5.sampler.stpes: unknown key \(did you mean 'steps'\?\)"),

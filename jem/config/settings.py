@@ -278,7 +278,7 @@ SECTIONS: dict[str, type] = {
     "fid": FidSettings, "robustness": RobustnessSettings, "data": DataSettings,
 }
 SCALE_KEYS = ("variant", "sample", "evaluate", "fid", "robustness")
-TOP_LEVEL = ("scale", "variants", "scales", "defaults", "families", "methods", "datasets", *SECTIONS)
+TOP_LEVEL = ("scale", "variants", "tables", "scales", "defaults", "families", "methods", "datasets", *SECTIONS)
 
 
 def _known(d: Any, allowed: tuple[str, ...] | list[str], where: str) -> dict[str, Any]:
@@ -358,6 +358,14 @@ def validate_params(params: Any) -> None:
         lookup(params["families"], str(method.get("family")), f"methods.{name}.family")
         if params["datasets"].get(method.get("dataset", "cifar10"), {}).get(scale, {}).get("num_classes"):
             _coherent(resolve_variant(params, name, str(scale)), f"methods.{name}")
+    tables = params.get("tables") or {}
+    if not isinstance(tables, dict):
+        raise ConfigError(f"tables = {tables!r}: expected a mapping of table name to a list of method names")
+    for table, names in tables.items():
+        if not isinstance(names, list) or not names or len(set(map(str, names))) != len(names):
+            raise ConfigError(f"tables.{table} = {names!r}: expected a non-empty list of distinct method names")
+        for n in names:
+            lookup(params["methods"], str(n), f"tables.{table}")
     for name in selected_variants(params):
         role = variant_dataset(params, name, str(scale))
         lookup(params["datasets"], role, f"methods.{name}.dataset")

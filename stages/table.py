@@ -1,0 +1,193 @@
+"""Train a paper table's variants at once, one worker per device, then assemble the table.
+
+    python -m stages.table sadajem_table1 --devices 0,1,2,3      # four GPUs, one variant each at a time
+    python -m stages.table sadajem_table1 --devices 0,1 --per-device 2
+    python -m stages.table --workers 2                           # this machine's CPU, the current `variants`
+
+Not a DVC stage: it drives ``dvc repro`` in this workspace. A table is a list of variants under
+``tables`` in params.yaml; naming one sets ``variants`` to it (no other line of params.yaml changes).
+Then, all in this workspace, so that ``dvc.lock`` records every stage:
+
+1. ``dvc repro inputs_data``: the shared stages (configure, data, GMM), once;
+2. ``dvc repro --single-item train@<v>`` for every variant, N at a time, each worker on its own
+   device (``CUDA_VISIBLE_DEVICES``; on a CPU, N processes sharing the cores);
+3. ``dvc repro inputs_fid``, then ``sample``, ``evaluate``, ``robustness``, ``fid`` of each variant,
+   N variants at a time;
+4. ``dvc repro``: the report and anything left.
+
+DVC runs independent stages of one workspace side by side; a moment where another process holds
+its lock is waited out. A stage DVC already computed with the same command, dependencies and
+params is restored from its run cache instead of run again, so a variant trained on another
+machine (``dvc pull --run-cache``) or by an earlier call is not retrained. A worker that fails
+(or a run that diverges past its recovery) leaves the others' results; its variant is named in
+one line with its log, and the same command again resumes it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.common import StageError, load_params, main_guard
+
+# DVC's words when another process holds the repository lock or a stage's read/write lock
+LOCKED = ("Unable to acquire lock", "is busy, it is being blocked by")
+LOCK_WAIT_S = 3.0
+
+
+@dataclass
+class Task:
+    name: str  # what the log and the messages call it
+    stages: list[str]  # run one after the other, each `dvc repro --single-item`
+
+
+def set_variants(path: Path, variants: list[str]) -> None:
+    """``variants: [...]`` in params.yaml; every other line (comments, layout) stays as it is."""
+    lines = path.read_text().splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("variants:")]
+    if len(starts) != 1:
+        raise StageError(f"{path}: expected one top-level 'variants:' key, found {len(starts)}")
+    end = starts[0] + 1
+    value = lines[starts[0]].split(":", 1)[1].split("#", 1)[0].strip()
+    if not value:  # a block list follows
+        while end < len(lines) and lines[end].lstrip().startswith("- ") and lines[end][0] in " -":
+            end += 1
+    elif value.startswith("[") and "]" not in value:  # a flow list over several lines
+        while end < len(lines) and "]" not in lines[end - 1]:
+            end += 1
+    lines[starts[0]:end] = [f"variants: [{', '.join(variants)}]\n"]
+    path.write_text("".join(lines))
+
+
+def dvc(args: list[str], env: dict[str, str], log: Path | None = None, say=print) -> int:
+    """``dvc <args>``; waits out another process's lock (never a failure). Output to ``log``."""
+    waited = False
+    while True:
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], env=env, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(f"$ dvc {' '.join(args)}\n{out}\n")
+        if proc.returncode != 0 and any(word in out for word in LOCKED) and "Running stage" not in out:
+            if not waited:
+                say(f"[table] dvc {' '.join(args)}: another process holds a DVC lock; waiting")
+                waited = True
+            time.sleep(LOCK_WAIT_S)
+            continue
+        if log is None and proc.returncode != 0:
+            print(out, file=sys.stderr)
+        return proc.returncode
+
+
+def slots(devices: str | None, per_device: int, workers: int | None) -> list[str | None]:
+    """One entry per worker: the CUDA device it sees, or None (CPU)."""
+    if devices:
+        listed = [d.strip() for d in devices.split(",") if d.strip()]
+        if not all(d.isdigit() for d in listed):
+            raise StageError(f"--devices {devices!r}: expected CUDA device indices, e.g. 0,1,2,3")
+        return [d for d in listed for _ in range(per_device)]
+    return [None] * max(1, workers or 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("table", nargs="?", help="a name under `tables` in params.yaml (default: the current variants)")
+    ap.add_argument("--devices", help="CUDA device indices, e.g. 0,1,2,3 (default: none, the CPU)")
+    ap.add_argument("--per-device", type=int, default=1, help="workers per listed device (default 1)")
+    ap.add_argument("--workers", type=int, help="CPU workers when no --devices (default 2)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads per worker (default: the cores / workers; "
+                    "0: torch's default)")
+    ap.add_argument("--logs", type=Path, default=Path("logs"), help="where each worker's log goes (default logs/)")
+    args = ap.parse_args()
+    if args.per_device < 1 or (args.workers is not None and args.workers < 1):
+        raise StageError("--per-device and --workers take an integer >= 1")
+
+    params = load_params()
+    tables = params.get("tables") or {}
+    if args.table is not None:
+        if args.table not in tables:
+            raise StageError(f"table {args.table!r} is not under `tables` in params.yaml; defined: "
+                             f"{', '.join(sorted(tables)) or 'none'}")
+        if list(params["variants"]) != list(tables[args.table]):
+            set_variants(Path("params.yaml"), list(tables[args.table]))
+            params = load_params()
+    variants = list(params["variants"])
+    scale = str(params["scale"])
+    workers = slots(args.devices, args.per_device, args.workers)
+    run_id = f"{args.table or 'variants'}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    base = {**os.environ, "JEM_TABLE_RUN": run_id}
+    logs = args.logs / scale / run_id
+    printing = threading.Lock()
+
+    def say(line: str) -> None:
+        with printing:
+            print(line, flush=True)
+
+    say(f"[table] {run_id}: {len(variants)} variants at scale {scale}, {len(workers)} workers "
+        f"({', '.join('cuda ' + w if w is not None else 'cpu' for w in workers)}); logs in {logs}/")
+    if dvc(["repro", "inputs_data"], base, logs / "shared.log", say):
+        raise StageError(f"the shared stages (configure, prepare, gmm, inputs_data) failed; see {logs / 'shared.log'}")
+
+    free = list(range(len(workers)))
+    pool_lock = threading.Lock()
+    cores = os.cpu_count() or 1
+
+    def run(task: Task) -> tuple[Task, int, Path]:
+        with pool_lock:
+            slot = free.pop()
+        env = dict(base)
+        device = workers[slot]
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        threads = args.threads if args.threads is not None else (0 if device is not None else
+                                                                  max(1, cores // len(workers)))
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        log = logs / f"{task.name}.log"
+        try:
+            start = time.time()
+            say(f"[table] {task.name}: started ({'cuda ' + device if device is not None else 'cpu'})")
+            code = 0
+            for stage in task.stages:
+                code = dvc(["repro", "--single-item", stage], env, log, say)
+                if code:
+                    break
+            say(f"[table] {task.name}: {'done' if code == 0 else f'FAILED (exit {code})'} "
+                f"in {time.time() - start:.0f} s")
+            return task, code, log
+        finally:
+            with pool_lock:
+                free.append(slot)
+
+    def phase(tasks: list[Task]) -> list[tuple[Task, int, Path]]:
+        with ThreadPoolExecutor(max_workers=len(workers)) as ex:
+            return [r for r in ex.map(run, tasks) if r[1] != 0]
+
+    failed = phase([Task(f"train@{v}", [f"train@{v}"]) for v in variants])
+    if dvc(["repro", "inputs_fid"], base, logs / "shared.log", say):
+        raise StageError(f"the reference statistics (fid_ref, inputs_fid) failed; see {logs / 'shared.log'}")
+    trained = [v for v in variants if f"train@{v}" not in {t.name for t, _, _ in failed}]
+    failed += phase([Task(f"evaluation@{v}", [f"sample@{v}", f"evaluate@{v}", f"robustness@{v}", f"fid@{v}"])
+                     for v in trained])
+    if failed:
+        for task, code, log in failed:
+            print(f"error: {task.name} failed (exit {code}); its log: {log}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(variants)} variants failed; the others' results are kept. Run the same "
+              "command again: finished stages are up to date, a training resumes from its last checkpoint",
+              file=sys.stderr)
+        raise SystemExit(1)
+    if dvc(["repro"], base, logs / "assembly.log", say):
+        raise StageError(f"the assembly (dvc repro: the report) failed; see {logs / 'assembly.log'}")
+    say(f"[table] {run_id}: every stage up to date; the report is in reports/{scale}/")
+
+
+if __name__ == "__main__":
+    main_guard(main)
