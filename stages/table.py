@@ -10,7 +10,8 @@ Then, all in this workspace, so that ``dvc.lock`` records every stage:
 
 1. ``dvc repro inputs_data``: the shared stages (configure, data, GMM), once;
 2. ``dvc repro --single-item train@<v>`` for every variant, N at a time, each worker on its own
-   device (``CUDA_VISIBLE_DEVICES``; on a CPU, N processes sharing the cores);
+   device (``CUDA_VISIBLE_DEVICES``; on a CPU, N processes sharing the cores, each with torch's
+   own thread count unless ``--threads``: the same arithmetic as a sequential ``dvc repro``);
 3. ``dvc repro inputs_fid``, then ``sample``, ``evaluate``, ``robustness``, ``fid`` of each variant,
    N variants at a time;
 4. ``dvc repro``: the report and anything left.
@@ -103,12 +104,14 @@ def main() -> None:
     ap.add_argument("--devices", help="CUDA device indices, e.g. 0,1,2,3 (default: none, the CPU)")
     ap.add_argument("--per-device", type=int, default=1, help="workers per listed device (default 1)")
     ap.add_argument("--workers", type=int, help="CPU workers when no --devices (default 2)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads per worker (default: the cores / workers; "
-                    "0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads per worker (default 0: torch's own, as a sequential dvc repro, so the "
+                    "results are bit-identical to it; on a CPU, the cores / workers avoids oversubscription, "
+                    "but CPU sums then add up in another order)")
     ap.add_argument("--logs", type=Path, default=Path("logs"), help="where each worker's log goes (default logs/)")
     args = ap.parse_args()
-    if args.per_device < 1 or (args.workers is not None and args.workers < 1):
-        raise StageError("--per-device and --workers take an integer >= 1")
+    if args.per_device < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
+        raise StageError("--per-device and --workers take an integer >= 1, --threads one >= 0")
 
     params = load_params()
     tables = params.get("tables") or {}
@@ -138,7 +141,6 @@ def main() -> None:
 
     free = list(range(len(workers)))
     pool_lock = threading.Lock()
-    cores = os.cpu_count() or 1
 
     def run(task: Task) -> tuple[Task, int, Path]:
         with pool_lock:
@@ -147,10 +149,8 @@ def main() -> None:
         device = workers[slot]
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
-        threads = args.threads if args.threads is not None else (0 if device is not None else
-                                                                  max(1, cores // len(workers)))
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         log = logs / f"{task.name}.log"
         try:
             start = time.time()

@@ -149,7 +149,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
     (work / "params.yaml").write_text((path / "params.yaml").read_text())
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run_ok(cmd, work, env)
-    table = [sys.executable, "-m", "stages.table", "--workers", "2", "--threads", "0"]  # torch's threads, as dvc repro
+    table = [sys.executable, "-m", "stages.table", "--workers", "2"]  # torch's own threads, as the sequential repro
     out = run_ok(table, work, env)
     assert "every stage up to date" in out and "train@sadajem_k5: started" in out, out
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
