@@ -67,24 +67,21 @@ def set_variants(path: Path, variants: list[str]) -> None:
     path.write_text("".join(lines))
 
 
-def dvc(args: list[str], env: dict[str, str], log: Path | None = None, say=print) -> int:
+def dvc(args: list[str], env: dict[str, str], log: Path, say=print) -> int:
     """``dvc <args>``; waits out another process's lock (never a failure). Output to ``log``."""
     waited = False
     while True:
         proc = subprocess.run([sys.executable, "-m", "dvc", *args], env=env, capture_output=True, text=True)
         out = proc.stdout + proc.stderr
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as fh:
-                fh.write(f"$ dvc {' '.join(args)}\n{out}\n")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            fh.write(f"$ dvc {' '.join(args)}\n{out}\n")
         if proc.returncode != 0 and any(word in out for word in LOCKED) and "Running stage" not in out:
             if not waited:
                 say(f"[table] dvc {' '.join(args)}: another process holds a DVC lock; waiting")
                 waited = True
             time.sleep(LOCK_WAIT_S)
             continue
-        if log is None and proc.returncode != 0:
-            print(out, file=sys.stderr)
         return proc.returncode
 
 
