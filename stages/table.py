@@ -3,6 +3,8 @@
     python -m stages.table sadajem_table1 --devices 0,1,2,3      # four GPUs, one variant each at a time
     python -m stages.table sadajem_table1 --devices 0,1 --per-device 2
     python -m stages.table --workers 2                           # this machine's CPU, the current `variants`
+    python -m stages.table sadajem_table1 --only 3 --pull --push # one variant of several machines' (SLURM array)
+    python -m stages.table sadajem_table1 --pull                 # the assembly: restores, computes what is left
 
 Not a DVC stage: it drives ``dvc repro`` in this workspace. A table is a list of variants under
 ``tables`` in params.yaml; naming one sets ``variants`` to it (no other line of params.yaml changes).
@@ -22,6 +24,12 @@ params is restored from its run cache instead of run again, so a variant trained
 machine (``dvc pull --run-cache``) or by an earlier call is not retrained. A worker that fails
 (or a run that diverges past its recovery) leaves the others' results; its variant is named in
 one line with its log, and the same command again resumes it from its last checkpoint.
+
+Several machines share a DVC remote: ``--shared`` computes the shared stages once, ``--only`` a
+machine's variants; ``--push`` sends what was computed with its run cache (``dvc push
+--run-cache``), ``--pull`` fetches every machine's run cache (``dvc pull --run-cache``) before
+starting and reproduces with ``dvc repro --pull``, which downloads the outputs of each stage it
+restores: the assembly (no ``--only``) restores each computed stage instead of running it again.
 """
 
 from __future__ import annotations
@@ -95,6 +103,54 @@ def slots(devices: str | None, per_device: int, workers: int | None) -> list[str
     return [None] * max(1, workers or 2)
 
 
+def pick(variants: list[str], only: list[str]) -> list[str]:
+    """The variants ``--only`` names, by name or by 0-based index in the table (a SLURM array index)."""
+    picked: list[str] = []
+    for item in (x.strip() for entry in only for x in entry.split(",") if x.strip()):
+        if item.isdigit():
+            if int(item) >= len(variants):
+                raise StageError(f"--only {item}: the table has {len(variants)} variants "
+                                 f"(indices 0-{len(variants) - 1})")
+            item = variants[int(item)]
+        elif item not in variants:
+            raise StageError(f"--only {item}: not a variant of this table ({', '.join(variants)})")
+        if item not in picked:
+            picked.append(item)
+    return picked
+
+
+def default_run_id(table: str | None) -> str:
+    """One id per call; the tasks of one SLURM array job share theirs (so do their MLflow runs)."""
+    name = table or "variants"
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if job:
+        return f"{name}-slurm{job}"
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def runs_url(params: dict, scale: str, run_id: str) -> str | None:
+    """The MLflow UI's runs table of this table run: the ``workflowType`` parameter opens it in the
+    "Model training" view whatever the browser last chose (MLflow keeps the GenAI / Model training
+    toggle in the browser, not in the experiment: mlflow#24498)."""
+    from urllib.parse import quote
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from stages.tracking import tracking_root, tracking_uri
+
+        uri, _ = tracking_uri(tracking_root(), params)
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(f"jem-{scale}")
+    except Exception:  # the table is done; a link it cannot make is no failure
+        return None
+    if experiment is None:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    search = quote(f"tags.table_run = '{run_id}'", safe="")
+    return (f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+            f"&searchFilter={search}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("table", nargs="?", help="a name under `tables` in params.yaml (default: the current variants)")
@@ -106,12 +162,35 @@ def main() -> None:
                     "results are bit-identical to it; on a CPU, the cores / workers avoids oversubscription, "
                     "but CPU sums then add up in another order)")
     ap.add_argument("--logs", type=Path, default=Path("logs"), help="where each worker's log goes (default logs/)")
+    ap.add_argument("--only", action="append", default=[], metavar="VARIANT",
+                    help="train and evaluate only these variants (names or 0-based indices in the table, "
+                    "comma-separated or repeated; e.g. $SLURM_ARRAY_TASK_ID), not the report: one machine's share")
+    ap.add_argument("--shared", action="store_true",
+                    help="only the shared stages (data, GMM, FID reference statistics): run once before --only tasks")
+    ap.add_argument("--pull", action="store_true",
+                    help="first fetch what other machines pushed (dvc pull --run-cache from the default DVC remote)")
+    ap.add_argument("--push", action="store_true",
+                    help="at the end push the outputs and their run cache (dvc push --run-cache) to the default remote")
+    ap.add_argument("--list", action="store_true",
+                    help="print the table's variants, one per line with its --only index, and stop")
+    ap.add_argument("--run-id", help="the MLflow tag table_run of every run (default: table name and time, or "
+                    "the SLURM array job id)")
     args = ap.parse_args()
+    if args.shared and args.only:
+        raise StageError("--shared runs only the shared stages; give it without --only")
     if args.per_device < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
         raise StageError("--per-device and --workers take an integer >= 1, --threads one >= 0")
 
     params = load_params()
     tables = params.get("tables") or {}
+    if args.list:  # before anything is written: a job script counts the array tasks with it
+        listed = tables.get(args.table) if args.table is not None else params["variants"]
+        if listed is None:
+            raise StageError(f"table {args.table!r} is not under `tables` in params.yaml; defined: "
+                             f"{', '.join(sorted(tables)) or 'none'}")
+        for i, v in enumerate(listed):
+            print(f"{i}\t{v}")
+        return
     if args.table is not None:
         if args.table not in tables:
             raise StageError(f"table {args.table!r} is not under `tables` in params.yaml; defined: "
@@ -120,9 +199,10 @@ def main() -> None:
             set_variants(Path("params.yaml"), list(tables[args.table]))
             params = load_params()
     variants = list(params["variants"])
+    mine = [] if args.shared else pick(variants, args.only) if args.only else variants
     scale = str(params["scale"])
     workers = slots(args.devices, args.per_device, args.workers)
-    run_id = f"{args.table or 'variants'}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    run_id = args.run_id or default_run_id(args.table)
     base = {**os.environ, "JEM_TABLE_RUN": run_id}
     logs = args.logs / scale / run_id
     printing = threading.Lock()
@@ -132,8 +212,15 @@ def main() -> None:
             print(line, flush=True)
 
     say(f"[table] {run_id}: {len(variants)} variants at scale {scale}, {len(workers)} workers "
-        f"({', '.join('cuda ' + w if w is not None else 'cpu' for w in workers)}); logs in {logs}/")
-    if dvc(["repro", "inputs_data"], base, logs / "shared.log", say):
+        f"({', '.join('cuda ' + w if w is not None else 'cpu' for w in workers)}); logs in {logs}/"
+        + (f"; this machine: {', '.join(mine) or 'the shared stages'}" if mine != variants else ""))
+    if args.pull:
+        say("[table] dvc pull --run-cache: what the other machines pushed")
+        if dvc(["pull", "--run-cache", "--allow-missing"], base, logs / "transfer.log", say):
+            raise StageError(f"dvc pull --run-cache failed (is a default DVC remote set? dvc remote list); "
+                             f"see {logs / 'transfer.log'}")
+    repro = ["repro", "--pull"] if args.pull else ["repro"]  # outputs restored from the run cache: downloaded
+    if dvc([*repro, "inputs_data"], base, logs / "shared.log", say):
         raise StageError(f"the shared stages (configure, prepare, gmm, inputs_data) failed; see {logs / 'shared.log'}")
 
     free = list(range(len(workers)))
@@ -154,7 +241,7 @@ def main() -> None:
             say(f"[table] {task.name}: started ({'cuda ' + device if device is not None else 'cpu'})")
             code = 0
             for stage in task.stages:
-                code = dvc(["repro", "--single-item", stage], env, log, say)
+                code = dvc([*repro, "--single-item", stage], env, log, say)
                 if code:
                     break
             say(f"[table] {task.name}: {'done' if code == 0 else f'FAILED (exit {code})'} "
@@ -168,22 +255,34 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=len(workers)) as ex:
             return [r for r in ex.map(run, tasks) if r[1] != 0]
 
-    failed = phase([Task(f"train@{v}", [f"train@{v}"]) for v in variants])
-    if dvc(["repro", "inputs_fid"], base, logs / "shared.log", say):
+    failed = phase([Task(f"train@{v}", [f"train@{v}"]) for v in mine])
+    if dvc([*repro, "inputs_fid"], base, logs / "shared.log", say):
         raise StageError(f"the reference statistics (fid_ref, inputs_fid) failed; see {logs / 'shared.log'}")
-    trained = [v for v in variants if f"train@{v}" not in {t.name for t, _, _ in failed}]
+    trained = [v for v in mine if f"train@{v}" not in {t.name for t, _, _ in failed}]
     failed += phase([Task(f"evaluation@{v}", [f"sample@{v}", f"evaluate@{v}", f"robustness@{v}", f"fid@{v}"])
                      for v in trained])
+    if args.push:  # what did finish is worth sharing even when a variant failed
+        say("[table] dvc push --run-cache: this machine's outputs and their run cache")
+        if dvc(["push", "--run-cache"], base, logs / "transfer.log", say):
+            raise StageError(f"dvc push --run-cache failed; see {logs / 'transfer.log'}")
     if failed:
         for task, code, log in failed:
             print(f"error: {task.name} failed (exit {code}); its log: {log}", file=sys.stderr)
-        print(f"error: {len(failed)} of {len(variants)} variants failed; the others' results are kept. Run the same "
+        print(f"error: {len(failed)} of {len(mine)} variants failed; the others' results are kept. Run the same "
               "command again: finished stages are up to date, a training resumes from its last checkpoint",
               file=sys.stderr)
         raise SystemExit(1)
-    if dvc(["repro"], base, logs / "assembly.log", say):
+    if mine != variants:
+        say(f"[table] {run_id}: {', '.join(mine) or 'the shared stages'} up to date"
+            + ("; pushed" if args.push else "") + f". The report waits for the whole table: "
+            f"python -m stages.table {args.table or ''} --pull".replace("  ", " "))
+        return
+    if dvc(repro, base, logs / "assembly.log", say):
         raise StageError(f"the assembly (dvc repro: the report) failed; see {logs / 'assembly.log'}")
     say(f"[table] {run_id}: every stage up to date; the report is in reports/{scale}/")
+    url = runs_url(params, scale, run_id)
+    if url:
+        say(f"[table] its MLflow runs (mlflow ui, then): {url}")
 
 
 if __name__ == "__main__":

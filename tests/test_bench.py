@@ -159,14 +159,32 @@ def test_stage_times_measured_on_this_machine(tmp_path):
                                                   "robustness"]
     assert all(t["seconds"] > 0 for t in st["stages"]) and all(v > 0 for v in st["units"].values())
     assert "BPDA+EOT" in st["stages"][-1]["work"]
-    rows = {r["variant"]: r for r in st["table"]["rows"]}
+    (table,) = st["tables"]
+    rows = {r["variant"]: r for r in table["rows"]}
     assert set(rows) == {"sadajem_k5", "softmax"} and rows["sadajem_k5"]["total_s"] == pytest.approx(st["total_s"])
-    assert [t["stage"] for t in st["table"]["fid_ref"]] == ["fid_ref@cifar10"]
-    assert st["table"]["total_s"] == pytest.approx(sum(r["total_s"] for r in rows.values())
-                                                   + st["table"]["fid_ref"][0]["seconds"])
+    assert [t["stage"] for t in table["fid_ref"]] == ["fid_ref@cifar10"]
+    ref = table["fid_ref"][0]["seconds"]
+    assert table["total_s"] == pytest.approx(sum(r["total_s"] for r in rows.values()) + ref)
+    assert table["wall_s"]["1"] == pytest.approx(table["total_s"])  # one device: one after another
+    k5, soft = rows["sadajem_k5"], rows["softmax"]  # two devices: each phase takes its longer variant
+    assert table["wall_s"]["2"] == pytest.approx(max(k5["train_s"], soft["train_s"]) + ref
+                                                 + max(k5["other_s"], soft["other_s"]))
     text = markdown_report([], "jem-bench --stages", None, st)
     assert "## Stage times at the demo scale: sadajem_k5" in text and "| robustness | PGD: " in text
-    assert "### Table X" in text and "| softmax |" in text and "Stages that take longer than training:" in text
+    assert "| Table X (`t1`) | 2 |" in text and "| softmax |" in text
+    assert "Stages that take longer than training:" in text
+
+
+def test_a_table_on_n_devices_follows_the_table_commands_schedule():
+    """Tasks go out in table order to the first free device; the phases follow one another."""
+    from jem.bench.stage_times import list_schedule, table_wall_time
+
+    assert list_schedule([5, 1, 1, 1], 2) == 5  # the long one on one device, the rest on the other
+    assert list_schedule([1, 1, 1, 5], 2) == 6  # handed out last, the long one waits for a free device
+    assert list_schedule([3, 3, 3], 1) == 9 and list_schedule([3, 3, 3], 8) == 3 and list_schedule([], 4) == 0
+    # trainings, the reference statistics once, then the evaluations
+    assert table_wall_time([4, 2], [1, 3], [0.5], 2) == 4 + 0.5 + 3
+    assert table_wall_time([4, 2], [1, 3], [0.5], 1) == 6 + 0.5 + 4
 
 
 def test_iterations_are_timed_one_by_one_and_summarised_by_the_median(monkeypatch):

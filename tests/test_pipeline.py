@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -206,6 +207,74 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
 
 
 @pytest.mark.slow
+def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without_recomputing(repo, tmp_path):
+    """README "A table over several machines": `examples/slurm/submit_table.sh` (sbatch stood in for by
+    tests/fake_sbatch.py, which runs each job at once and an array's tasks side by side) submits the shared
+    stages, one array task per variant, each in its own clone, and the report. The tasks restore the shared
+    stages from the shared job's run cache and train only their variant; the assembly restores every stage
+    and runs only the report; its weights and metrics are the sequential repro's."""
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    path, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    if "Data and pipelines are up to date" not in run_ok([*dvc, "status"], path, env):
+        run_ok([*dvc, "repro"], path, env)
+    origin, remote, bin_dir = tmp_path / "origin", tmp_path / "dvc-remote", tmp_path / "bin"
+    origin.mkdir()
+    copy_repo(origin)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["tables"]["pair"] = list(params["variants"])  # softmax, sadajem_k5
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], [*dvc, "remote", "add", "-d", "shared", str(remote)], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "copy and the shared remote"]):
+        run_ok(cmd, origin, env)
+    bin_dir.mkdir()
+    fake = Path(__file__).parent / "fake_sbatch.py"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nexec {sys.executable} {fake} "$@"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    submitted = tmp_path / "sbatch.jsonl"
+    slurm_env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "JEM_PYTHON": sys.executable,
+                 "FAKE_SBATCH_LOG": str(submitted)}
+
+    out = run_ok(["bash", "examples/slurm/submit_table.sh", "pair", "--partition=gpu"], origin, slurm_env)
+    jobs = [json.loads(line) for line in submitted.read_text().splitlines()]
+    outputs = "\n".join(Path(o).read_text()[-2000:] for j in jobs for o in j["outputs"])
+    assert [j["cmd"][-1] for j in jobs] == ["shared", "variant", "assemble"], out
+    assert all(code == 0 for j in jobs for code in j["codes"]), outputs
+    assert [j["opts"].get("array") for j in jobs] == [None, "0-1", None]
+    assert [j["opts"].get("dependency") for j in jobs] == [None, f"afterok:{jobs[0]['id']}",
+                                                           f"afterok:{jobs[1]['id']}"]
+    assert all(j["opts"]["partition"] == "gpu" for j in jobs)
+    run_id = jobs[0]["opts"]["export"].split("JEM_RUN_ID=")[1]
+    assert run_id.startswith("pair-slurm") and all(j["opts"]["export"] == jobs[0]["opts"]["export"] for j in jobs)
+
+    for index, variant in enumerate(("softmax", "sadajem_k5")):
+        work = origin / ".slurm" / "pair" / str(index)
+        ran = {s for log in (work / "logs" / "tiny" / run_id).glob("*.log") for s in _ran(log.read_text())}
+        assert {f"train@{variant}", f"evaluate@{variant}"} <= ran, ran
+        assert not [s for s in ran if s.split("@")[0] in ("configure", "prepare", "gmm", "fid_ref")], ran
+        assert not [s for s in ran if s.endswith("@" + ("sadajem_k5" if index == 0 else "softmax"))], ran
+        client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
+                                  f"tags.table_run = '{run_id}'")
+        assert {r.info.run_name for r in runs} >= {f"train@{variant}", f"evaluate@{variant}"}
+
+    logs = origin / "logs" / "tiny" / run_id
+    ran = {s for log in logs.glob("*.log") for s in _ran(log.read_text())}
+    assert ran == {"report"}, ran  # every other stage restored from the jobs' run cache
+    assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], origin, env)  # .slurm/ is not ours
+    for v in ("softmax", "sadajem_k5"):
+        ours, sequential = _state(origin, v), _state(path, v)
+        assert all(torch.equal(ours["model"][k], t) for k, t in sequential["model"].items()), v
+        for kind in ("eval", "robustness"):
+            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}.json") for p in (origin, path))
+            assert a == b, (v, kind)
+    assert (origin / "reports" / "tiny" / "summary.csv").exists()
+
+
+@pytest.mark.slow
 def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_path):
     """After `dvc repro`: through a real tracking server's REST API, the experiment opens in the
     runs view, a train run has its dataset inputs and its model (loadable through the server's
@@ -243,6 +312,15 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         experiment = rest_api(url, "experiments/get-by-name?experiment_name=jem-tiny")["experiment"]
         tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
         assert tags["mlflow.experimentKind"] == "custom_model_development"  # the runs ("Model training") view
+        # the README's link (and stages.table's) lands on the runs table because the served UI takes the
+        # GenAI / Model training toggle from the URL's workflowType (mlflow#24498) and the filter from searchFilter
+        with urllib.request.urlopen(f"{url}/", timeout=30) as page:
+            main_js = re.search(r'src="([^"]*static/js/main\.[0-9a-f]+\.js)"', page.read().decode())
+        assert main_js, "the MLflow UI's page names no main script"
+        with urllib.request.urlopen(f"{url}/{main_js.group(1)}", timeout=30) as script:
+            bundle = script.read().decode()
+        assert re.search(r'\.get\("workflowType"\)', bundle) and '"machine_learning"' in bundle
+        assert '"mlflow.workflowType"' in bundle and '"/experiments/:experimentId/runs"' in bundle
         assert experiment["artifact_location"] == "mlflow-artifacts:/jem-tiny"  # nothing absolute stored
         runs = rest_api(url, "runs/search",
                         {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]

@@ -36,3 +36,46 @@ def test_workers_and_their_devices():
     assert slots(None, 1, None) == [None, None]
     with pytest.raises(StageError, match=r"--devices 'cuda:0': expected CUDA device indices"):
         slots("cuda:0", 1, None)
+
+
+def test_only_picks_variants_by_name_or_array_index():
+    from stages.table import pick
+
+    table = ["sadajem_k5", "softmax", "jem_k20"]
+    assert pick(table, ["2"]) == ["jem_k20"]
+    assert pick(table, ["softmax,0", "softmax"]) == ["softmax", "sadajem_k5"]
+    with pytest.raises(StageError, match=r"--only 3: the table has 3 variants \(indices 0-2\)"):
+        pick(table, ["3"])
+    with pytest.raises(StageError, match=r"--only jem_k10: not a variant of this table"):
+        pick(table, ["jem_k10"])
+
+
+def test_the_tasks_of_one_slurm_array_share_their_table_run(monkeypatch):
+    from stages.table import default_run_id
+
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
+    assert default_run_id("sadajem_table1") == "sadajem_table1-slurm4242"
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    assert default_run_id(None).startswith("variants-20")
+
+
+def test_the_printed_link_opens_the_runs_table_filtered_to_the_table_run(tmp_path, monkeypatch):
+    """MLflow's UI reads ``workflowType`` and ``searchFilter`` from the URL (the served bundle is checked
+    in tests/test_pipeline.py): the link lands on the runs table, not the GenAI overview."""
+    from urllib.parse import unquote
+
+    from mlflow.tracking import MlflowClient
+
+    from stages.table import runs_url
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert runs_url({}, "tiny", "demo-1") is None  # no experiment yet: no link
+    experiment = MlflowClient().create_experiment("jem-tiny")
+    url = runs_url({}, "tiny", "demo-1")
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+                   "&searchFilter=tags.table_run%20%3D%20%27demo-1%27")
+    assert unquote(url.split("searchFilter=")[1]) == "tags.table_run = 'demo-1'"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000/")
+    monkeypatch.setattr("mlflow.tracking.MlflowClient.get_experiment_by_name",
+                        lambda self, name: type("E", (), {"experiment_id": "7"})())
+    assert runs_url({}, "paper", "t").startswith("http://mlflow.lab:5000/#/experiments/7/runs?")

@@ -25,8 +25,9 @@ torch.compile), and prints the ratios.
 
 ``--stages`` projects the wall time of every stage (train per epoch and in all, sample,
 evaluate, fid, robustness) of the first ``--variant`` (default sadajem_k5) at the scale's
-counts from measured units of work (``jem.bench.stage_times``), and the total of the variants of
-one published table (``--table``, a key of ``reports/published.yaml``; default SADA-JEM Table 1).
+counts from measured units of work (``jem.bench.stage_times``), and the wall time of a table's
+variants on 1, 2, 4, 8 and one-per-variant devices as ``python -m stages.table`` schedules them
+(``--table``: a name under ``tables`` in params.yaml, ``all`` of them; default SADA-JEM Table 1).
 """
 
 from __future__ import annotations
@@ -373,17 +374,36 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
               and t["seconds"] > r["train_s"]]
     lines += ["Units measured: " + "; ".join(units) + ".", "",
               "Stages that take longer than training: " + (", ".join(slower) if slower else "none") + ".", ""]
-    if r.get("table"):
-        tab = r["table"]
-        lines += [f"### {tab['title']} (every variant's stages at the {r['scale']} scale)", "",
-                  "| variant | train | sample + evaluate + fid + robustness | total |", "|---|---:|---:|---:|"]
-        lines += [f"| {v['variant']} | {hms(v['train_s'])} | {hms(v['other_s'])} | {hms(v['total_s'])} |"
-                  for v in tab["rows"]]
-        lines += [f"| {t['stage']} (once) | | {hms(t['seconds'])} | {hms(t['seconds'])} |" for t in tab["fid_ref"]]
-        lines += [f"| **{len(tab['rows'])} variants, one {r['device']}** | | | **{hms(tab['total_s'])}** |", "",
-                  "Training iterations and the sampler's units (fresh chains, BPDA+EOT) are measured for every "
-                  "variant; forwards, OOD passes, PGD and Inception once, on the first variant (the same network).",
-                  ""]
+    if r.get("tables"):
+        lines += [f"### Each table with `python -m stages.table`: one device or N ({r['scale']} scale)", "",
+                  f"Projected wall time of every stage of a table's variants on N devices like this one "
+                  f"({r['device']}), one variant per device at a time in the table's order as `python -m "
+                  "stages.table --devices ...` hands them out: the trainings, then the FID reference statistics "
+                  "once per dataset, then each variant's sample, evaluate, fid and robustness "
+                  "(`jem/bench/stage_times.py` `table_wall_time`). The data stages and the report, seconds "
+                  "next to these, are not counted.", "",
+                  "| table | variants | 1 device | 2 | 4 | 8 | one per variant | longest variant |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for tab in r["tables"]:
+            wall = tab["wall_s"]
+            n = len(tab["rows"])
+            longest = max(tab["rows"], key=lambda v: v["total_s"])
+            lines.append(f"| {tab['title']} (`{tab['name']}`) | {n} | {hms(wall['1'])} | {hms(wall['2'])} | "
+                         f"{hms(wall['4'])} | {hms(wall['8'])} | {hms(wall[str(n)])} ({n} devices) | "
+                         f"{longest['variant']}: {hms(longest['total_s'])} |")
+        lines += ["", "Training iterations and the sampler's units (fresh chains, BPDA+EOT) are measured for every "
+                  "variant; forwards, OOD passes, PGD and Inception once, on the first variant (the same "
+                  "network). Each table's variants:", ""]
+        for tab in r["tables"]:
+            lines += [f"<details><summary>{tab['title']}: {len(tab['rows'])} variants, "
+                      f"{hms(tab['total_s'])} one after another</summary>", "",
+                      "| variant | train | sample + evaluate + fid + robustness | total |", "|---|---:|---:|---:|"]
+            lines += [f"| {v['variant']} | {hms(v['train_s'])} | {hms(v['other_s'])} | {hms(v['total_s'])} |"
+                      for v in tab["rows"]]
+            lines += [f"| {t['stage']} (once) | | {hms(t['seconds'])} | {hms(t['seconds'])} |"
+                      for t in tab["fid_ref"]]
+            lines += [f"| **{len(tab['rows'])} variants, one {r['device']}** | | | **{hms(tab['total_s'])}** |",
+                      "", "</details>", ""]
     return lines
 
 
@@ -471,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", action="store_true",
                     help="project every stage's wall time for the first --variant (default sadajem_k5)")
     ap.add_argument("--table", default="sadajem_table1",
-                    help="with --stages: also total the variants of this reports/published.yaml table ('none': skip)")
+                    help="with --stages: also project this table on 1 and N devices (a name under `tables` in "
+                    "params.yaml or in --published; 'all': every table in params.yaml; 'none': skip)")
     ap.add_argument("--published", type=Path, default=Path("reports/published.yaml"), help="for --table")
     args = ap.parse_args(argv)
 
@@ -569,29 +590,52 @@ def _variant(params: dict[str, Any], name: str, scale: str, args: argparse.Names
     return Variant.from_dict(d, where=f"methods.{name}")
 
 
+def _tables(params: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """``--table``: (key, title, variants) of one table, of every table (``all``), or none. The
+    variants come from ``tables`` in params.yaml (what ``python -m stages.table`` trains), else from
+    the rows of ``--published``; the titles from ``--published``."""
+    if args.table == "none":
+        return []
+    published = yaml.safe_load(args.published.read_text()) or {}
+    defined = params.get("tables") or {}
+    keys = list(defined) if args.table == "all" else [args.table]
+    out = []
+    for key in keys:
+        if key in defined:
+            members = [str(v) for v in defined[key]]
+        else:
+            members = [str(r["variant"]) for r in lookup(published, key, str(args.published)).get("rows", [])]
+        title = (published.get(key) or {}).get("title") or f"{key} (params.yaml tables)"
+        out.append((key, str(title), members))
+    return out
+
+
 def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args: argparse.Namespace,
                  perf: PerfConfig, fid: dict[str, Any] | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """``--stages``: units measured on the device with ``perf`` (the fast mode), projected to the
     scale's stage counts. A variant already timed in ``rows`` with the same ``run.perf``
     (--compare's fast row) is not timed again."""
-    from jem.bench.stage_times import measure_units, reference_time, split_sizes, stage_times, total_seconds
+    from jem.bench.stage_times import (
+        measure_units,
+        reference_time,
+        split_sizes,
+        stage_times,
+        table_wall_time,
+        total_seconds,
+    )
     from jem.config.settings import stage_section
 
     sections = {s: stage_section(params, s, scale) for s in ("sample", "evaluate", "fid", "robustness")}
     sizes = {role: split_sizes(lookup(spec, scale, f"datasets.{role}")) for role, spec in params["datasets"].items()}
     detail = (args.variant or ["sadajem_k5"])[0]
-    names = [detail]
-    title = None
-    if args.table != "none":
-        published = yaml.safe_load(args.published.read_text())
-        table = lookup(published, args.table, str(args.published))
-        title = table.get("title", args.table)
-        names += [r["variant"] for r in table.get("rows", []) if r["variant"] not in names]
+    tables = _tables(params, args)
+    names = [detail] + [v for _, _, vs in tables for v in vs]
+    names = list(dict.fromkeys(names))
     timed = {r["variant"]: r for r in rows if r["mode"] != "reference" and r["perf"] == dataclasses.asdict(perf)}
     inception = fid or benchmark_fid(device, 2000 if device.type == "cuda" else 64, args.fid_batch,
                                      channels_last=device.type == "cuda", weights=args.inception_weights)
     shared: dict[str, float] | None = None
-    per_variant = []
+    per_variant = {}
     for name in names:
         variant = _variant(params, name, scale, args)
         print(f"[bench] stage units of {name} on {device} ...", flush=True)
@@ -599,28 +643,32 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         units = measure_units(variant, sections, device, train["ms_per_iter"] / 1e3, inception, shared,
                               channels_last=perf.channels_last)
         shared = shared or units
-        times = stage_times(variant, sections, sizes, units)
-        per_variant.append((variant, units, times))
-    variant, units, times = per_variant[0]
+        per_variant[name] = (variant, units, stage_times(variant, sections, sizes, units))
+    variant, units, times = per_variant[detail]
     train_s = next(t.seconds for t in times if t.stage == "train")
     out: dict[str, Any] = {
         "variant": detail, "scale": scale, "device": _device_name(device), "perf": _describe(perf),
         "units": units, "stages": [dataclasses.asdict(t) for t in times], "train_s": train_s,
-        "total_s": total_seconds(times),
+        "total_s": total_seconds(times), "tables": [],
     }
-    if title is not None:
-        in_table = {r["variant"] for r in table.get("rows", [])}
-        rows = []
-        for v, _, ts in per_variant:
-            if v.name in in_table:
-                t_train = next(t.seconds for t in ts if t.stage == "train")
-                rows.append({"variant": v.name, "train_s": t_train, "other_s": total_seconds(ts) - t_train,
-                             "total_s": total_seconds(ts)})
-        roles = sorted({v.dataset for v, _, _ in per_variant if v.name in in_table})
+
+    def row(name: str) -> dict[str, Any]:
+        ts = per_variant[name][2]
+        t_train = next(t.seconds for t in ts if t.stage == "train")
+        return {"variant": name, "train_s": t_train, "other_s": total_seconds(ts) - t_train,
+                "total_s": total_seconds(ts)}
+
+    for key, title, members in tables:
+        rows_ = [row(v) for v in members]
+        roles = sorted({per_variant[v][0].dataset for v in members})
         refs = [reference_time(sizes[role], sections["fid"], role, units) for role in roles]
-        out["table"] = {"name": args.table, "title": title, "rows": rows,
-                        "fid_ref": [dataclasses.asdict(t) for t in refs],
-                        "total_s": sum(r["total_s"] for r in rows) + sum(t.seconds for t in refs)}
+        counts = sorted({1, 2, 4, 8, len(members)})
+        wall = {n: table_wall_time([r["train_s"] for r in rows_], [r["other_s"] for r in rows_],
+                                   [t.seconds for t in refs], n) for n in counts}
+        out["tables"].append({"name": key, "title": title, "rows": rows_,
+                              "fid_ref": [dataclasses.asdict(t) for t in refs],
+                              "total_s": sum(r["total_s"] for r in rows_) + sum(t.seconds for t in refs),
+                              "wall_s": {str(n): w for n, w in wall.items()}})
     print(f"[bench] stages of {detail} at the {scale} scale: " + ", ".join(
         f"{t.stage} {t.seconds:.0f} s" for t in times), flush=True)
     return out

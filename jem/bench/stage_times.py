@@ -25,6 +25,7 @@ says so, names the units and their measured times.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import time
 from collections.abc import Callable
@@ -229,6 +230,24 @@ def reference_time(role_sizes: dict[str, int], fid_section: dict[str, Any], role
     if fid_section.get("reference_max"):
         n = min(n, int(fid_section["reference_max"]))
     return StageTime(f"fid_ref@{role}", f"{n:,} real images ({' + '.join(splits)})", n * units["inception_image"])
+
+
+def list_schedule(durations: list[float], workers: int) -> float:
+    """Wall time of ``durations`` run in this order, each by the first worker free: the schedule of
+    ``python -m stages.table``'s pool (tasks handed out in table order)."""
+    free = [0.0] * max(1, workers)
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free)
+
+
+def table_wall_time(trainings: list[float], evaluations: list[float], references: list[float],
+                    workers: int) -> float:
+    """``python -m stages.table`` on ``workers`` devices: the trainings, then the FID reference
+    statistics (one process), then each variant's sample + evaluate + fid + robustness, each phase
+    ``workers`` at a time in table order. The data stages and the report are not counted (seconds
+    next to these)."""
+    return list_schedule(trainings, workers) + sum(references) + list_schedule(evaluations, workers)
 
 
 def total_seconds(times: list[StageTime]) -> float:
