@@ -46,6 +46,7 @@ from jem.evaluation.inception import (
     protocol_indices,
     score_protocol,
 )
+from jem.runtime.checkpoint import load_arrays
 from stages.common import StageError, load_params, main_guard, setup_run
 from stages.declared import Inputs, check_settings
 from stages.outputs import building, write_json, write_metrics
@@ -135,7 +136,7 @@ def score(args: argparse.Namespace) -> None:
         if not info.get("generative"):
             metrics.update(status="not applicable", reason=info.get("reason", "no samples"))
         else:
-            samples = np.load(args.samples / "samples.npz")
+            samples = load_arrays(args.samples / "samples.npz", writer=f"its sample stage (sample@{name})")
             role = info["dataset"]
             ref_info = json.loads(inputs.need(args.ref / role / "info.json").read_text())
             if ref_info["status"] != "ok":
@@ -150,15 +151,15 @@ def score(args: argparse.Namespace) -> None:
                     protocol = str(cfg["protocol"])  # fid.protocol of the variant's family
                     metrics.update(status="ok", reference=f"{role} ({ref.n} images)", protocol=protocol)
                     for key in cfg.get("sets", ["buffer", "fresh"]):
-                        if key not in samples.files:
-                            sets = [f for f in samples.files if not f.startswith(("ranked_", "pred_", "conf_"))]
+                        if key not in samples:
+                            sets = [f for f in samples if not f.startswith(("ranked_", "pred_", "conf_"))]
                             raise StageError(f"fid.sets names {key!r}; {args.samples}/samples.npz holds "
                                              f"{', '.join(sets)}")
                         feats, logits = inception_outputs(model, samples[key], int(cfg.get("batch_size", 200)),
                                                           device, desc=f"inception {key}",
                                                           channels_last=_nhwc(params, device))
-                        pred = samples[f"pred_{key}"] if f"pred_{key}" in samples.files else None
-                        conf = samples[f"conf_{key}"] if f"conf_{key}" in samples.files else None
+                        pred = samples[f"pred_{key}"] if f"pred_{key}" in samples else None
+                        conf = samples[f"conf_{key}"] if f"conf_{key}" in samples else None
                         metrics[key] = score_set(feats, logits, ref, pred, conf, cfg, protocol)
                         run.log_metrics({f"{key}/{p}/{m}": v[m] for p, v in metrics[key]["protocols"].items()
                                          for m in ("is", "fid") if v.get(m) is not None})

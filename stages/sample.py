@@ -29,6 +29,7 @@ from jem.evaluation.metrics import predict_logits
 from jem.method.gmm import load_mixture_stats
 from jem.method.samplers import sample, without_bn_updates
 from jem.method.train import build_p0
+from jem.runtime.checkpoint import load_tensors
 from stages.common import load_params, main_guard, setup_run
 from stages.declared import Inputs, check_settings
 from stages.figures import save_grid
@@ -99,7 +100,7 @@ def main() -> None:
                                            "reason": "softmax baseline: trained without p(x), not sampled"})
         print(f"[sample] {variant.name}: softmax baseline, no samples (the papers report none)")
         return
-    final = torch.load(args.model / "final.pt", map_location="cpu", weights_only=False)
+    final = load_tensors(args.model / "final.pt", writer="its train stage")
     mixture = load_mixture_stats(inputs.need(args.gmm / role / "stats.pt")) if variant.buffer.init == "gmm" else None
     p0 = build_p0(variant, (variant.model.in_channels, variant.model.image_size, variant.model.image_size),
                   mixture, device)

@@ -98,6 +98,47 @@ def check_tracking(params: dict[str, Any]) -> None:
         reason = getattr(exc, "reason", None) or exc
         raise TrackingError(f"{source} = {uri}: the MLflow tracking server does not answer ({reason}); start it "
                          "(mlflow server --host 0.0.0.0 --port 5000 ...) or unset it to log to mlflow.db") from None
+    check_credentials(uri, source)
+
+
+def check_credentials(uri: str, source: str) -> None:
+    """One authenticated read with MLflow's own variables (MLFLOW_TRACKING_USERNAME and _PASSWORD, or
+    MLFLOW_TRACKING_TOKEN), so that a server behind authentication refusing them stops the stage in
+    one line before it computes or writes anything."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN", "")
+    headers = {}
+    if user or password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        who = f"user {user!r} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+    elif token:
+        headers["Authorization"] = f"Bearer {token}"
+        who = "the token in MLFLOW_TRACKING_TOKEN"
+    else:
+        who = "no credentials"
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            return
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except (OSError, ValueError) as exc:
+        raise TrackingError(f"{source} = {uri}: the MLflow tracking server does not answer its API "
+                            f"({getattr(exc, 'reason', None) or exc})") from None
+    if code == 401:
+        raise TrackingError(f"{source} = {uri}: the server refused {who} (HTTP 401); set MLFLOW_TRACKING_USERNAME "
+                            "and MLFLOW_TRACKING_PASSWORD to an account of its auth app") from None
+    if code == 403:
+        raise TrackingError(f"{source} = {uri}: the server knows {who} but does not let it read experiments "
+                            "(HTTP 403); ask its admin for EDIT permission on the jem-<scale> experiments") from None
+    raise TrackingError(f"{source} = {uri}: the server answered HTTP {code} to an experiments search; is it an "
+                        "MLflow tracking server?") from None
 
 
 def artifact_location(experiment: str) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -109,15 +110,17 @@ def write_prepared_shapes(data: Path, n: int, train: int = 64) -> tuple[torch.Te
 
 
 @contextlib.contextmanager
-def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0) -> Iterator[str]:
+def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0, extra: tuple[str, ...] = ()
+                    ) -> Iterator[str]:
     """``mlflow server`` on the repository's store and artifacts, on a free loopback port, as a user
-    runs ``mlflow ui`` there; yields its URL. Killed (its whole process group) on the way out."""
+    runs ``mlflow ui`` there (``extra``: more options, e.g. the auth app); yields its URL. Killed (its
+    whole process group) on the way out."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "mlartifacts")]
+           "--artifacts-destination", str(root / "mlartifacts"), *extra]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -138,9 +141,11 @@ def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0) -> 
         proc.wait(timeout=30)
 
 
-def rest_api(url: str, endpoint: str, body: dict | None = None) -> dict:
+def rest_api(url: str, endpoint: str, body: dict | None = None, auth: tuple[str, str] | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)

@@ -505,6 +505,7 @@ def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
         run_ok([*dvc, "repro"], path, env)
     remote = tmp_path / "dvc-remote"
     run_ok([*dvc, "remote", "add", "-d", "shared", str(remote)], path, env)
+    run_ok([*dvc, "remote", "modify", "shared", "verify", "true"], path, env)  # README: hash what is downloaded
     run_ok(["git", "add", "-A"], path, env)
     run_ok(["git", "commit", "-qm", "results and the shared remote", "--allow-empty"], path, env)
     pushed = run_ok([*dvc, "push"], path, env)
@@ -519,3 +520,20 @@ def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
     status = run_ok([*dvc, "status"], clone, env)
     assert "Data and pipelines are up to date" in status, status
     assert not _ran(run_ok([*dvc, "repro"], clone, env)), "nothing to recompute after dvc pull"
+
+    # whoever can write to the remote can deny service, not substitute content: dvc.lock (in git) pins the
+    # hash, and a tampered object is refused on download, never checked out
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train@sadajem_k5"]
+    folder = next(o["md5"] for o in lock["outs"] if o["path"] == "models/tiny/sadajem_k5")
+    manifest = json.loads((remote / "files" / "md5" / folder[:2] / folder[2:]).read_text())
+    weights = next(e["md5"] for e in manifest if e["relpath"] == "final.pt")
+    stored = remote / "files" / "md5" / weights[:2] / weights[2:]
+    forged = bytes(len(stored.read_bytes()))  # same size, other content
+    stored.chmod(0o644)
+    stored.write_bytes(forged)
+    victim = tmp_path / "victim"
+    run_ok(["git", "clone", "-q", str(path), str(victim)], tmp_path, env)
+    pulled = subprocess.run([*dvc, "pull"], cwd=victim, env=env, capture_output=True, text=True)
+    assert pulled.returncode != 0 and "models/tiny/sadajem_k5" in pulled.stdout + pulled.stderr, pulled
+    target = victim / model
+    assert not target.exists() or target.read_bytes() != forged

@@ -74,3 +74,56 @@ def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tm
     proc = subprocess.run(PREPARE, cwd=wrong, env=stage_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "run.tracking_uri = 'htp://mlflow.lab:5000'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tmp_path: Path):
+    """README "One tracking server for the team": MLflow's basic-auth app, host and CORS restrictions.
+    An unauthenticated request is refused; a stage with MLflow's own credential variables logs its run;
+    one with a wrong password stops in one line before it writes anything."""
+    import urllib.error
+    import urllib.request
+
+    server = tmp_path / "server"
+    server.mkdir()
+    account = ("lab-admin", "correct horse battery staple")
+    (server / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{server / 'basic_auth.db'}\nadmin_username = {account[0]}\n"
+        f"admin_password = {account[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = stage_env()
+    server_env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(server / "basic_auth.ini"),
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-fixed-secret-for-this-test"}
+    with tracking_server(server, server_env, extra=("--app-name", "basic-auth", "--allowed-hosts",
+                                                    "127.0.0.1:*,localhost:*", "--cors-allowed-origins",
+                                                    "http://127.0.0.1:5000")) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert refused.value.code == 401
+
+        user = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": account[0],
+                "MLFLOW_TRACKING_PASSWORD": account[1]}
+        run_ok(PREPARE, _clone(tmp_path / "member"), user)
+        experiment = rest_api(url, "experiments/get-by-name?experiment_name=jem-tiny", auth=account)["experiment"]
+        runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}, auth=account)["runs"]
+        assert [r["info"]["status"] for r in runs if r["info"]["run_name"] == "prepare@cifar10"] == ["FINISHED"]
+
+        for name, wrong in (("stranger", {"MLFLOW_TRACKING_PASSWORD": "guess"}), ("anonymous", {})):
+            repo = _clone(tmp_path / name)
+            bad = {**env, "MLFLOW_TRACKING_URI": url, **({"MLFLOW_TRACKING_USERNAME": account[0]} if wrong else {}),
+                   **wrong}
+            proc = subprocess.run(PREPARE, cwd=repo, env=bad, capture_output=True, text=True, timeout=120)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+            assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI = {url}: the server refused "), lines
+            assert "(HTTP 401)" in lines[0]
+            assert not (repo / "data" / "tiny").exists()
+        runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}, auth=account)["runs"]
+        assert len(runs) == 2  # the member's run and its "datasets" parent: nothing from the refused ones
+
+        # the host check: a request naming another host (DNS rebinding) is refused before authentication
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                         headers={"Host": "evil.example:5000"})
+        with pytest.raises(urllib.error.HTTPError) as host:
+            urllib.request.urlopen(request, timeout=30)
+        assert host.value.code in (400, 403)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from jem.config.errors import InputError
 from jem.config.settings import PROTOCOLS
 from jem.data.batches import to_unit_range
+from jem.runtime.checkpoint import load_arrays
 
 # pytorch_fid.inception.FID_WEIGHTS_URL (pytorch-fid and torchvision are imported only where the
 # network is built: they cost seconds at start-up, and most runs of the fid stages need neither)
@@ -210,10 +211,12 @@ class GaussianStats:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GaussianStats:
         try:
-            with np.load(path) as f:
-                stats = cls(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]))
+            f = load_arrays(path, writer="the fid_ref stage")
+            stats = cls(mu=f["mu"], sigma=f["sigma"], n=int(f["n"]))
         except FileNotFoundError:
             raise InputError(f"{path} not found: it is written by the fid_ref stage") from None
+        except InputError:  # refused as unsafe
+            raise
         except Exception as exc:
             raise InputError(f"{path}: not readable as Inception statistics ({type(exc).__name__}); "
                              "rerun the fid_ref stage") from None

@@ -19,7 +19,7 @@ import torch
 
 from jem.config.errors import InputError
 from jem.data.batches import to_unit_range
-from jem.runtime.checkpoint import atomic_torch_save
+from jem.runtime.checkpoint import atomic_torch_save, load_tensors
 
 
 @dataclass
@@ -81,10 +81,12 @@ def save_mixture_stats(stats: MixtureStats, path: str | os.PathLike[str]) -> Non
 
 def load_mixture_stats(path: str | os.PathLike[str]) -> MixtureStats:
     try:
-        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        d = load_tensors(Path(path), writer="the gmm stage (dvc repro -f gmm)")
         stats = MixtureStats(counts=d["counts"], means=d["means"], covs=d["covs"], shape=tuple(d["shape"]))
     except FileNotFoundError:
         raise InputError(f"{path} not found: it is written by the gmm stage (dvc repro gmm)") from None
+    except InputError:  # refused as unsafe
+        raise
     except Exception as exc:  # truncated, not a torch file, missing keys
         raise InputError(f"{path}: not readable as mixture statistics ({type(exc).__name__}); "
                          "rerun the gmm stage (dvc repro -f gmm)") from None

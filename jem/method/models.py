@@ -17,7 +17,7 @@ from torch import nn
 
 from jem.config.errors import InputError
 from jem.config.variant import ModelConfig
-from jem.runtime.checkpoint import atomic_torch_save
+from jem.runtime.checkpoint import atomic_torch_save, load_tensors
 
 
 def _norm(channels: int, cfg: ModelConfig) -> nn.Module:
@@ -188,7 +188,7 @@ def load_model(path: str | os.PathLike[str], device: torch.device | str = "cpu")
     from jem.config.variant import Variant
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_tensors(path, writer="its train stage")
         variant = Variant.from_dict(payload["variant"], where=f"{path}:variant")
         model = build_model(variant.model)
         model.load_state_dict(payload["model"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import random
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,50 @@ from jem.config.errors import InputError
 
 class CorruptCheckpoint(InputError):
     """A checkpoint file that fails its checksum (truncated, corrupted, or not a checkpoint)."""
+
+
+class UnsafeFile(InputError):
+    """A file that holds pickled objects other than tensors and plain data: refused, nothing in it run."""
+
+
+# numpy's RNG state (in checkpoints) is an array: these rebuild arrays from bytes and run no code
+_NUMPY_DATA = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+
+
+def load_tensors(source: str | os.PathLike[str] | BinaryIO, path: str | os.PathLike[str] | None = None,
+                 writer: str = "the stage that writes it") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, containers and numpy arrays only.
+
+    Every file the pipeline or a remote wrote is read this way (weights, checkpoints, statistics), so
+    a file crafted to carry a pickled call is refused before the call can run: ``UnsafeFile``, one
+    line naming the file and the object it holds.
+    """
+    path = path if path is not None else source
+    try:
+        with torch.serialization.safe_globals(_NUMPY_DATA):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        held = f"a pickled {found.group(1)}" if found else "pickled objects"
+        raise UnsafeFile(f"{path}: refused without running anything: it holds {held}, which no file of this "
+                         f"pipeline contains; check who can write there, delete it and rerun {writer}") from None
+
+
+def load_arrays(path: str | os.PathLike[str], writer: str = "the stage that writes it") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read without pickle: an object array (the only kind that
+    can carry code) is refused with ``UnsafeFile`` naming the file and the array, unread."""
+    with np.load(path, allow_pickle=False) as archive:
+        out = {}
+        for key in archive.files:
+            try:
+                out[key] = archive[key]
+            except ValueError as exc:
+                if "allow_pickle" not in str(exc):
+                    raise
+                raise UnsafeFile(f"{path}: refused without running anything: its array {key!r} holds pickled "
+                                 f"objects, which no file of this pipeline contains; check who can write there, "
+                                 f"delete it and rerun {writer}") from None
+    return out
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
@@ -101,7 +147,7 @@ def load_verified(path: str | os.PathLike[str]) -> Any:
     payload = memoryview(data)[_HEADER:]
     if hashlib.sha256(payload).digest() != data[len(MAGIC):_HEADER]:
         raise CorruptCheckpoint(f"{path}: checksum mismatch ({len(data)} bytes): truncated or corrupted")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    return load_tensors(io.BytesIO(payload), path, "the train stage")
 
 
 class CheckpointDir:
