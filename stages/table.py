@@ -200,6 +200,7 @@ def main() -> None:
             params = load_params()
     variants = list(params["variants"])
     mine = [] if args.shared else pick(variants, args.only) if args.only else variants
+    partial = args.shared or bool(args.only)  # one machine's share: no report
     scale = str(params["scale"])
     workers = slots(args.devices, args.per_device, args.workers)
     run_id = args.run_id or default_run_id(args.table)
@@ -213,7 +214,7 @@ def main() -> None:
 
     say(f"[table] {run_id}: {len(variants)} variants at scale {scale}, {len(workers)} workers "
         f"({', '.join('cuda ' + w if w is not None else 'cpu' for w in workers)}); logs in {logs}/"
-        + (f"; this machine: {', '.join(mine) or 'the shared stages'}" if mine != variants else ""))
+        + (f"; this machine: {', '.join(mine) or 'the shared stages'}" if partial else ""))
     if args.pull:
         say("[table] dvc pull --run-cache: what the other machines pushed")
         if dvc(["pull", "--run-cache", "--allow-missing"], base, logs / "transfer.log", say):
@@ -272,7 +273,7 @@ def main() -> None:
               "command again: finished stages are up to date, a training resumes from its last checkpoint",
               file=sys.stderr)
         raise SystemExit(1)
-    if mine != variants:
+    if partial:
         say(f"[table] {run_id}: {', '.join(mine) or 'the shared stages'} up to date"
             + ("; pushed" if args.push else "") + f". The report waits for the whole table: "
             f"python -m stages.table {args.table or ''} --pull".replace("  ", " "))
