@@ -30,7 +30,7 @@ from jem.method.gmm import load_mixture_stats
 from jem.method.samplers import sample, without_bn_updates
 from jem.method.train import build_p0
 from jem.runtime.checkpoint import load_tensors
-from stages.common import load_params, main_guard, setup_run
+from stages.common import StageError, load_params, main_guard, setup_run
 from stages.declared import Inputs, check_settings
 from stages.figures import save_grid
 from stages.outputs import building, write_json
@@ -100,7 +100,11 @@ def main() -> None:
                                            "reason": "softmax baseline: trained without p(x), not sampled"})
         print(f"[sample] {variant.name}: softmax baseline, no samples (the papers report none)")
         return
-    final = load_tensors(args.model / "final.pt", writer="its train stage")
+    weights = args.model / ("final.pt" if select == "last" else "best_val.pt")
+    chosen = load_tensors(weights, writer="its train stage")  # its replay buffer: the same moment as its weights
+    if chosen.get("buffer") is None:
+        raise StageError(f"{weights} holds no replay buffer (written before best_val kept one); rerun its train "
+                         f"stage (dvc repro -f train@{variant.name}) or set sample.select: last")
     mixture = load_mixture_stats(inputs.need(args.gmm / role / "stats.pt")) if variant.buffer.init == "gmm" else None
     p0 = build_p0(variant, (variant.model.in_channels, variant.model.image_size, variant.model.image_size),
                   mixture, device)
@@ -110,7 +114,7 @@ def main() -> None:
 
     with mlflow_run(f"sample@{variant.name}", params, tags) as run:
         run.log_params({"sample": cfg, "steps": steps})
-        buffer = final["buffer"]["samples"]
+        buffer = chosen["buffer"]["samples"]
         n_buffer = min(int(cfg["buffer"]), len(buffer))
         keep = torch.randperm(len(buffer))[:n_buffer]
         sets = {"buffer": to_uint8(buffer[keep])}

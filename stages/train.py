@@ -19,8 +19,8 @@ With ``run.nproc`` > 1 the stage relaunches itself under ``torchrun`` (one proce
 ``jem.runtime.distributed``): rank 0 logs, writes the checkpoints (with every rank's buffer shard)
 and the outputs; a run resumes on any number of processes.
 
-Outputs: ``final.pt`` (weights, variant, final replay buffer) and ``best_val.pt`` (weights
-with the best validation accuracy) in ``--out``; training metrics JSON; learning curves
+Outputs: ``final.pt`` (weights, variant, final replay buffer) and ``best_val.pt`` (weights and
+replay buffer at the best validation accuracy) in ``--out``; training metrics JSON; learning curves
 (``steps.csv``, ``val.csv``, ``curves.png``) in ``--plots``.
 """
 
@@ -179,9 +179,14 @@ def main() -> None:
         return {"steps_log": steps_log, "val_log": val_log, "best": best, "seconds": elapsed,
                 "recovery_events": events}
 
-    def save_checkpoint(t: Trainer) -> None:
+    def save_checkpoint(t: Trainer, best_now: bool = False) -> None:
         state = t.state_dict(extra=state_now())  # collective under data parallelism
         if info.is_main:
+            if best_now:  # the weights and the replay buffer of one moment: sample.select best_val scores them;
+                buffer = state["buffer"]  # written before the checkpoint that records it as the best
+                save_model(best_path, t.model, variant.to_dict(), **best,
+                           buffer=None if buffer is None else {"samples": buffer["samples"],
+                                                               "labels": buffer["labels"]})
             checkpoints.save(state, t.step)
         barrier(info)
 
@@ -236,6 +241,7 @@ def main() -> None:
 
         start = time.perf_counter()
         while trainer.step < trainer.total_steps:
+            improved = False  # on rank 0, which validates
             epoch_end = (trainer.epoch + 1) * trainer.iters_per_epoch
             try:
                 trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint, progress=info.is_main)
@@ -252,10 +258,10 @@ def main() -> None:
                 say(f"{name} epoch {epoch}: val acc {row['val_acc']:.4f}")
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch, "step": trainer.step}
-                    save_model(best_path, trainer.model, variant.to_dict(), **best)
+                    improved = True
             seconds += time.perf_counter() - start
             start = time.perf_counter()
-            save_checkpoint(trainer)
+            save_checkpoint(trainer, best_now=improved)
 
         # ---- outputs (rank 0), built beside the target and swapped in -----------------------
         buffer = trainer.state_dict()["buffer"]  # every rank's shard (collective)

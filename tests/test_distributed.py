@@ -91,7 +91,7 @@ def _two_machines(workdir: Path, tag: str, run: dict, env_of: list[dict[str, str
 
 
 def _weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    return torch.load(root / "models" / tag / "final.pt", weights_only=False)["model"]
+    return torch.load(root / "models" / tag / "final.pt", weights_only=True)["model"]
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -137,7 +137,7 @@ def test_sadajem_with_batch_norm_and_informative_init_trains_on_two_processes(wo
     """Batch norm (per-process statistics, rank 0's running statistics broadcast), SAM with its
     statistics frozen in the second pass, mixture-initialised buffer shards."""
     _train(workdir, "sada", nproc=2, variant="sadajem_k5")
-    final = torch.load(workdir / "models" / "sada" / "final.pt", weights_only=False)
+    final = torch.load(workdir / "models" / "sada" / "final.pt", weights_only=True)
     assert final["buffer"]["samples"].shape[0] == 100  # both shards, gathered by rank 0
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
     assert json.loads((workdir / "metrics" / "sada.json").read_text())["steps"] == 8

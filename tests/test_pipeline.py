@@ -128,7 +128,7 @@ def _leaves(tree: object) -> Iterator[object]:
 def _state(path: Path, variant: str) -> dict:
     import torch
 
-    return torch.load(path / "models" / "tiny" / variant / "final.pt", map_location="cpu", weights_only=False)
+    return torch.load(path / "models" / "tiny" / variant / "final.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow

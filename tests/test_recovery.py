@@ -107,7 +107,7 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
     assert "diverged at step 7: non-finite loss; retry 1/2: lower_lr, resuming from step 6" in out
     metrics = read_metrics(stage_dir / "metrics" / "v.json")  # numbers and notes (remedies) joined
     assert metrics["steps"] == 12 and metrics["recovery_retries"] == 1 and metrics["remedies"] == "lower_lr"
-    final = torch.load(stage_dir / "models" / "v" / "final.pt", weights_only=False)
+    final = torch.load(stage_dir / "models" / "v" / "final.pt", weights_only=True)
     assert final["remedies"] == ["lower_lr"]
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
 

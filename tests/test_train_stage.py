@@ -67,10 +67,18 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
 
     metrics = json.loads((tmp_path / "metrics" / "killed.json").read_text())
     assert metrics["steps"] == total and metrics["epochs"] == 5
-    a = torch.load(tmp_path / "models" / "killed" / "final.pt", weights_only=False)
-    b = torch.load(tmp_path / "models" / "straight" / "final.pt", weights_only=False)
+    a = torch.load(tmp_path / "models" / "killed" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "models" / "straight" / "final.pt", weights_only=True)
     for key, value in b["model"].items():
         assert torch.equal(a["model"][key], value), key
     assert torch.equal(a["buffer"]["samples"], b["buffer"]["samples"])
+    # best_val.pt: the weights and the replay buffer of the best validation epoch, the same after the kills
+    best_a, best_b = (torch.load(tmp_path / "models" / tag / "best_val.pt", weights_only=True)
+                      for tag in ("killed", "straight"))
+    assert best_a["epoch"] == best_b["epoch"] and best_b["buffer"]["samples"].shape == b["buffer"]["samples"].shape
+    assert all(torch.equal(best_a["model"][k], v) for k, v in best_b["model"].items())
+    assert torch.equal(best_a["buffer"]["samples"], best_b["buffer"]["samples"])
+    if best_b["epoch"] < 5:  # an earlier epoch's buffer, not the final one
+        assert not torch.equal(best_b["buffer"]["samples"], b["buffer"]["samples"])
     curve = (tmp_path / "plots" / "killed" / "steps.csv").read_text()
     assert curve == (tmp_path / "plots" / "straight" / "steps.csv").read_text()  # the learning curve too
