@@ -171,6 +171,8 @@ def test_grouped_loss_passes_match_the_reference_loop(family, data, monkeypatch)
 @pytest.mark.parametrize("family,overrides", [
     ("sadajem", {"optim": {"sam": "asam", "rho": 2.0}}),  # the public script's default (rho >= 0.5: ASAM)
     ("sadajem", {"objective": {"energy_l2": 0.5}, "optim": {"sam": "none"}}),  # "w/o DA + L2" (Table 5)
+    # the script's own placement: L2 in SAM's perturbation pass only, the update from the pass without it
+    ("sadajem", {"objective": {"energy_l2": 0.5, "energy_l2_pass": "perturbation"}}),
     ("sadajem", {"sampler": {"noise": 0.01}}),  # noise before the image clamp
     ("jempp", {"sampler": {"noise": 0.01}}),  # noise after the inner steps, unclamped
     ("softmax", {"optim": {"sam": "sam", "rho": 0.05}}),  # softmax + SAM (SADA-JEM Table 1)
@@ -201,3 +203,22 @@ def test_running_statistics_describe_the_labelled_batch_last(data):
     x_lab, _ = trainer.clf_stream.batch(0)
     lab_mean = trainer.model.stem(x_lab).mean((0, 2, 3))
     torch.testing.assert_close(seen[-1], lab_mean, **TOL)
+
+
+def test_energy_l2_in_the_perturbation_pass_only_does_nothing_without_sam(data):
+    """energy_l2_pass: perturbation without SAM is the script run at rho 0: the coefficient changes nothing;
+    under "update" (our reading of "+ L2") it changes the update."""
+    images, labels = data
+
+    def params_after(**objective: Any) -> list[torch.Tensor]:
+        variant = family_variant("sadajem", optim={"sam": "none"}, objective=objective)
+        trainer = Trainer(variant, images, labels, mixture=compute_mixture_stats([(images, labels)], 4))
+        for _ in range(2):
+            trainer.train_step()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    plain = params_after(energy_l2=0.0)
+    script = params_after(energy_l2=0.5, energy_l2_pass="perturbation")
+    ours = params_after(energy_l2=0.5, energy_l2_pass="update")
+    assert all(torch.equal(a, b) for a, b in zip(plain, script, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))

@@ -147,6 +147,7 @@ class AugmentConfig:
 
 
 POS_FORWARD = ("before_sampler", "after_sampler")
+L2_PASSES = ("update", "perturbation")
 
 
 @dataclass
@@ -155,6 +156,10 @@ class ObjectiveConfig:
     clf_weight: float = 1.0
     px_weight: float = 1.0
     energy_l2: float = 0.0  # IGEBM energy L2: l2 * (E(x+)^2 + E(x-)^2)
+    # which loss carries it under SAM/ASAM: "update", the loss the update steps on (both SAM passes;
+    # our reading of SADA-JEM Table 5's "+ L2"), or "perturbation", the first pass only, as
+    # train_sadajem.py does (its update's gradient then omits it; without SAM it has no effect)
+    energy_l2_pass: str = "update"
     px_augment: bool = True  # JEM/JEM++: True; SADA-JEM: False (p(x) batch un-augmented)
     input_noise: float = 0.03  # Gaussian noise added to training inputs (both batches)
     # When the x+ forward runs, relative to the sampler (the labelled forward always runs last,
@@ -167,6 +172,8 @@ class ObjectiveConfig:
         _check(self.clf_weight >= 0, where, "clf_weight", self.clf_weight, "a value >= 0")
         _check(self.px_weight >= 0, where, "px_weight", self.px_weight, "a value >= 0")
         _check(self.energy_l2 >= 0, where, "energy_l2", self.energy_l2, "a value >= 0")
+        _check(self.energy_l2_pass in L2_PASSES, where, "energy_l2_pass", self.energy_l2_pass,
+               " or ".join(repr(p) for p in L2_PASSES))
         _check(self.input_noise >= 0, where, "input_noise", self.input_noise, "a value >= 0")
         _check(self.pos_forward in POS_FORWARD, where, "pos_forward", self.pos_forward,
                " or ".join(repr(p) for p in POS_FORWARD))

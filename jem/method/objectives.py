@@ -124,9 +124,10 @@ def grouped_passes(model: nn.Module, x_lab: torch.Tensor, x_pos: torch.Tensor | 
     return Passes(pos=logits[0], neg=logits[1], labelled=logits[2])
 
 
-def loss_from_passes(passes: Passes, y: torch.Tensor,
-                     cfg: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and detached per-term statistics (kept on device; no host sync)."""
+def loss_from_passes(passes: Passes, y: torch.Tensor, cfg: ObjectiveConfig,
+                     l2: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and detached per-term statistics (kept on device; no host sync). ``l2``: whether
+    this loss carries ``energy_l2`` (``cfg.energy_l2_pass`` decides per SAM pass, in the trainer)."""
     logits = passes.labelled
     if logits is None:
         raise ValueError("the objective needs the labelled forward")
@@ -146,7 +147,7 @@ def loss_from_passes(passes: Passes, y: torch.Tensor,
         m_pos, m_neg = e_pos.mean(), e_neg.mean()
         l_gen = m_pos - m_neg
         loss = loss + cfg.px_weight * l_gen
-        if cfg.energy_l2 > 0:  # squares of the batch means, as train_sadajem.py's l2_coeff term
+        if cfg.energy_l2 > 0 and l2:  # squares of the batch means, as train_sadajem.py's l2_coeff term
             loss = loss + cfg.energy_l2 * (m_pos.square() + m_neg.square())
         stats.update({
             "loss_gen": l_gen.detach(),

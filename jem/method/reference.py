@@ -173,6 +173,7 @@ class ReferenceLoop:
             if fp is None:  # train_wrn_ebm.py: after the sampler
                 fp = lse(f, x_p_d).mean()
             fq = lse(f, x_q).mean()
+            # train_sadajem.py: the l2_coeff term in the first pass, left out of SAM's second (below)
             loss = -(fp - fq) + v.objective.energy_l2 * (fp ** 2 + fq ** 2)
         else:
             loss = torch.zeros((), device=self.device)

@@ -270,7 +270,9 @@ class Trainer:
                 passes = grouped_passes(self.net, x_lab, x_pos, x_neg, deferred=deferred)
             else:
                 passes = forward_passes(self.net, x_lab, x_pos, x_neg, pos=pos)  # labelled last
-            loss, stats = loss_from_passes(passes, y, obj)
+            # energy_l2_pass "perturbation": the L2 term only in the loss SAM perturbs with (none without SAM)
+            l2_here = obj.energy_l2_pass == "update" or self.sam is not None
+            loss, stats = loss_from_passes(passes, y, obj, l2=l2_here)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sam is not None:
@@ -279,7 +281,7 @@ class Trainer:
             # the reference's SAM pass: momentum 0 (no running-statistics update), same batches
             with frozen_bn_stats(self.model, count_batches=True), autocast(self.device, self.perf.precision):
                 passes = (grouped_passes if grouped else forward_passes)(self.net, x_lab, x_pos, x_neg)
-                loss_adv, _ = loss_from_passes(passes, y, obj)
+                loss_adv, _ = loss_from_passes(passes, y, obj, l2=obj.energy_l2_pass == "update")
             loss_adv.backward()
             self.sam.second_step()
         else:
