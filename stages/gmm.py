@@ -1,8 +1,9 @@
 """DVC stage `gmm@<role>`: class-wise Gaussian-mixture statistics for informative initialisation.
 
-    python -m stages.gmm --data data/demo/cifar10 --out gmm/demo/cifar10
+    python -m stages.gmm --data data/demo/cifar10 --out gmm/demo/cifar10 --config config/demo/settings/gmm/cifar10.yaml
 
-One streaming pass over the un-augmented training split (``jem.method.gmm``). Writes
+One streaming pass over the un-augmented training split (``gmm.splits``: [train], or [train, val] as
+train_sadajem.py fits all 50,000 images; ``jem.method.gmm``). Writes
 ``stats.pt`` and ``p0.png`` (per class: the mean, then draws from its Gaussian) into ``--out``.
 """
 
@@ -12,11 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.method.gmm import GaussianMixture, compute_mixture_stats, save_mixture_stats
 from stages.common import StageError, load_params, main_guard
+from stages.declared import check_settings
 from stages.figures import save_grid
 from stages.tracking import mlflow_run
 
@@ -27,14 +31,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
     ap.add_argument("--out", type=Path, required=True, help="output folder (stats.pt, p0.png)")
+    ap.add_argument("--config", type=Path, help="the settings configure wrote for this instance (checked)")
     args = ap.parse_args()
 
     params = load_params()
     meta = json.loads((args.data / "meta.json").read_text())
     if not meta.get("num_classes"):
         raise StageError(f"{args.data} has no class labels ({meta['source']}); gmm needs a training dataset")
-    images, labels = load_split(args.data / "train.npz")
+    cfg = check_settings(args.config, instance_settings(params, "gmm", meta["role"]))
+    parts = []
+    for split in cfg["splits"]:
+        if not (args.data / f"{split}.npz").exists():
+            raise StageError(f"gmm.splits lists {split}, but {args.data / f'{split}.npz'} does not exist "
+                             f"(datasets.{meta['role']}.<scale>.val is 0?); set gmm.splits: [train]")
+        parts.append(load_split(args.data / f"{split}.npz"))
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
     with mlflow_run(f"gmm@{meta['role']}", params, {"dataset": meta["role"]}) as run:
+        run.log_params({"gmm": cfg})
         batches = ((torch.from_numpy(images[i:i + CHUNK]), torch.from_numpy(labels[i:i + CHUNK]))
                    for i in range(0, len(images), CHUNK))
         stats = compute_mixture_stats(batches, int(meta["num_classes"]))

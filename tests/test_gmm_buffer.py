@@ -154,3 +154,40 @@ def test_update_with_repeated_slots_keeps_the_last_copy():
     buf.update(idx, x, labels)
     assert buf.samples[[3, 5, 0]].flatten().tolist() == [5.0, 4.0, 3.0]
     assert buf.labels[[3, 5, 0]].tolist() == [1, 0, 0]
+
+
+@pytest.mark.slow
+def test_gmm_splits_choose_the_images_p0_is_fitted_on(tmp_path):
+    """gmm.splits: [train] (ours: validation images unseen) or [train, val] (train_sadajem.py's 50,000);
+    asking for val where there is none stops in one line."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from jem.data.datasets import load_split
+    from jem.method.gmm import load_mixture_stats
+
+    from .conftest import copy_repo, run_ok, stage_env
+
+    copy_repo(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["scale"] = "tiny"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = stage_env()
+    tiny = params["datasets"]["cifar10"]["tiny"]
+    run_ok([sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"], tmp_path, env)
+    gmm = [sys.executable, "-m", "stages.gmm", "--data", "data/tiny/cifar10"]
+    run_ok([*gmm, "--out", "gmm/train"], tmp_path, env)
+    params["gmm"] = {"splits": ["train", "val"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_ok([*gmm, "--out", "gmm/both"], tmp_path, env)
+    counts = {k: int(load_mixture_stats(tmp_path / "gmm" / k / "stats.pt").counts.sum()) for k in ("train", "both")}
+    sizes = {s: len(load_split(tmp_path / "data" / "tiny" / "cifar10" / f"{s}.npz")[1]) for s in ("train", "val")}
+    assert sizes["val"] == tiny["val"] > 0
+    assert counts == {"train": sizes["train"], "both": sizes["train"] + sizes["val"]}
+
+    (tmp_path / "data" / "tiny" / "cifar10" / "val.npz").unlink()
+    proc = subprocess.run([*gmm, "--out", "gmm/none"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: gmm.splits lists val, but ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "gmm" / "none").exists()

@@ -25,7 +25,7 @@ from jem.config.settings import section
 from jem.config.variant import BufferConfig, ObjectiveConfig, SamplerConfig
 
 # the stage kinds with one instance per dataset role, per variant, or one in all
-PER_ROLE = ("prepare", "fid_ref")
+PER_ROLE = ("prepare", "gmm", "fid_ref")
 PER_VARIANT = ("train", "sample", "evaluate", "fid", "robustness")
 SINGLE = ("report",)
 KINDS = (*PER_ROLE, *PER_VARIANT, *SINGLE)
@@ -52,6 +52,8 @@ def instance_settings(params: dict[str, Any], kind: str, name: str = "", scale: 
     if kind == "prepare":
         data = dataclasses.asdict(section(params, "data", scale))
         return plain({"dataset": dataset_spec(params, name, scale), "data": data})
+    if kind == "gmm":
+        return plain({"splits": section(params, "gmm", scale).splits})
     if kind == "fid_ref":
         fid = section(params, "fid", scale)
         splits = fid.reference_splits_by_role.get(name, fid.reference_splits)
@@ -95,6 +97,7 @@ def instances(params: dict[str, Any], scale: str | None = None) -> dict[tuple[st
     for role in params.get("datasets", {}):
         out["prepare", role] = instance_settings(params, "prepare", role, scale)
     for role in TRAINING_ROLES:
+        out["gmm", role] = instance_settings(params, "gmm", role, scale)
         out["fid_ref", role] = instance_settings(params, "fid_ref", role, scale)
     for variant in selected_variants(params):
         for kind in PER_VARIANT:

@@ -238,6 +238,18 @@ class DataSettings:
 
 
 @dataclass
+class GmmSettings:
+    # the splits of a training role the class-wise Gaussians (p0) are fitted on: [train] keeps the
+    # validation images unseen by training; [train, val] is train_sadajem.py's (all 50,000 images)
+    splits: list[str] = field(default_factory=lambda: ["train"])
+
+    def validate(self, where: str) -> None:
+        _check(isinstance(self.splits, list) and "train" in self.splits and len(set(self.splits)) == len(self.splits)
+               and all(s in ("train", "val") for s in self.splits), where, "splits", self.splits,
+               "[train] or [train, val]")
+
+
+@dataclass
 class DatasetSpec:
     source: str = "shapes"
     num_classes: int | None = None  # set for training datasets
@@ -275,7 +287,7 @@ class DatasetSpec:
 
 SECTIONS: dict[str, type] = {
     "run": RunSettings, "train": TrainSettings, "sample": SampleSettings, "evaluate": EvaluateSettings,
-    "fid": FidSettings, "robustness": RobustnessSettings, "data": DataSettings,
+    "fid": FidSettings, "robustness": RobustnessSettings, "data": DataSettings, "gmm": GmmSettings,
 }
 SCALE_KEYS = ("variant", "sample", "evaluate", "fid", "robustness")
 TOP_LEVEL = ("scale", "variants", "tables", "scales", "defaults", "families", "methods", "datasets", *SECTIONS)
@@ -337,7 +349,7 @@ def validate_params(params: Any) -> None:
     for s in params["scales"]:  # every scale's stage overrides are well-formed
         for name in ("sample", "evaluate", "fid", "robustness"):
             section(params, name, s)
-    for name in ("run", "train", "data"):
+    for name in ("run", "train", "data", "gmm"):
         section(params, name, str(scale))
     evaluate = section(params, "evaluate", str(scale))
     for family in evaluate.input_noise:
