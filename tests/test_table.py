@@ -68,9 +68,10 @@ def test_the_printed_link_opens_the_runs_table_filtered_to_the_table_run(tmp_pat
 
     from stages.table import runs_url
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert runs_url({}, "tiny", "demo-1") is None  # no experiment yet: no link
-    experiment = MlflowClient().create_experiment("jem-tiny")
+    experiment = MlflowClient(tracking_uri=store).create_experiment("jem-tiny")
     url = runs_url({}, "tiny", "demo-1")
     assert url == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
                    "&searchFilter=tags.table_run%20%3D%20%27demo-1%27")
