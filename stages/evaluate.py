@@ -42,7 +42,7 @@ from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
 from stages.outputs import building, write_metrics
 from stages.plot_data import write_ood_histograms
 from stages.tracking import mlflow_run
-from stages.weights import load_selected
+from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int,
@@ -71,8 +71,13 @@ def main() -> None:
 
     params = load_params()
     device = setup_run(params)
-    cfg = check_settings(args.config, instance_settings(params, "evaluate", args.model.name))
+    name, run_seed = run_of(args.model)
+    cfg = check_settings(args.config, instance_settings(params, "evaluate", name))
     inputs = Inputs(args.inputs)
+    stopped = diverged(args.model)
+    if stopped is not None:  # recovery off and the run diverged: nothing to evaluate
+        skip_diverged("evaluate", stopped, params, args.metrics, (args.plots,))
+        return
     model, variant, select = load_selected(args.model, "evaluate", str(cfg["select"]), device, params)
     role = variant.dataset
     meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
@@ -83,8 +88,8 @@ def main() -> None:
     seed = int(cfg.get("seed", 0))
     ood_roles = list(cfg["ood_sets"])  # resolved: without the training role
 
-    tags = {"variant": variant.name, "family": variant.family, "dataset": role}
-    with mlflow_run(f"evaluate@{variant.name}", params, tags) as run:
+    tags = {"variant": variant.name, "seed": run_seed, "family": variant.family, "dataset": role}
+    with mlflow_run(stage_run("evaluate", name, run_seed), params, tags) as run:
         run.log_params({"evaluate": cfg})
         run.log_dataset(args.data / role / "test.npz", "testing", x_test.numpy(), y_test.numpy())
         noise = float(cfg["input_noise"])  # evaluate.input_noise of the variant's family
@@ -100,7 +105,8 @@ def main() -> None:
         acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
         del recalibrated
         metrics: dict = {
-            "variant": variant.name, "family": variant.family, "dataset": role, "source": meta["source"],
+            "variant": variant.name, "seed": run_seed, "status": "ok",
+            "family": variant.family, "dataset": role, "source": meta["source"],
             "weights": select, "test_images": len(y_test), "input_noise": noise,
             "accuracy": accuracy(logits, y_test), "ece": cal.ece,
             "accuracy_bn_reestimated": acc_bn,

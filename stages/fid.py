@@ -51,7 +51,7 @@ from stages.common import StageError, load_params, main_guard, setup_run
 from stages.declared import Inputs, check_settings
 from stages.outputs import building, write_json, write_metrics
 from stages.tracking import mlflow_run
-from stages.weights import model_channels_last
+from stages.weights import model_channels_last, skip_diverged, stage_run
 
 
 def _inception(cfg: dict[str, Any], device: torch.device) -> Any:
@@ -127,16 +127,21 @@ def score(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
     info = json.loads((args.samples / "info.json").read_text())
-    name = info["variant"]
+    name, seed = info["variant"], info.get("seed")
     cfg = check_settings(args.config, instance_settings(params, "fid", name))
     inputs = Inputs(args.inputs)
-    with mlflow_run(f"fid@{name}", params, {"variant": name, "dataset": info["dataset"]}) as run:
+    if info.get("diverged"):  # recovery off and the run diverged: no samples to score
+        skip_diverged("fid", info["diverged"], params, args.metrics)
+        return
+    with mlflow_run(stage_run("fid", name, seed), params, {"variant": name, "seed": seed,
+                                                          "dataset": info["dataset"]}) as run:
         run.log_params({"fid": cfg})
-        metrics: dict[str, Any] = {"variant": name}
+        metrics: dict[str, Any] = {"variant": name, "seed": seed}
         if not info.get("generative"):
             metrics.update(status="not applicable", reason=info.get("reason", "no samples"))
         else:
-            samples = load_arrays(args.samples / "samples.npz", writer=f"its sample stage (sample@{name})")
+            samples = load_arrays(args.samples / "samples.npz",
+                                  writer=f"its sample stage ({stage_run('sample', name, seed)})")
             role = info["dataset"]
             ref_info = json.loads(inputs.need(args.ref / role / "info.json").read_text())
             if ref_info["status"] != "ok":

@@ -76,13 +76,20 @@ def main() -> None:
     def load(kind: str, name: str) -> dict[str, Any]:
         return yaml.safe_load((args.settings / kind / f"{name}.yaml").read_text())
 
+    def load_train(variant: str) -> dict[str, Any]:
+        """train@<variant>-<seed>'s settings, one seed's: the files a run reads do not depend on its seed."""
+        return yaml.safe_load(sorted((args.settings / "train" / variant).glob("seed*.yaml"))[0].read_text())
+
     written = 0
     with building(args.out) as tmp:
         for kind in KINDS[args.group]:
-            for path in sorted((args.settings / kind).glob("*.yaml")):
-                name = path.stem
-                train = None if kind == "fid_ref" else load("train", name)
-                write_inputs(tmp / kind / f"{name}.json", reads(kind, name, load(kind, name), train, scale))
+            # train's settings are one file per seed (train/<variant>/seed<s>.yaml); its inputs one per variant
+            found = ((p, p.name) for p in sorted((args.settings / kind).iterdir()) if p.is_dir()) \
+                if kind == "train" else ((p, p.stem) for p in sorted((args.settings / kind).glob("*.yaml")))
+            for _, name in found:
+                train = None if kind == "fid_ref" else load_train(name)
+                own = train if kind == "train" else load(kind, name)
+                write_inputs(tmp / kind / f"{name}.json", reads(kind, name, own, train, scale))
                 written += 1
     print(f"[inputs] {written} stage instances' data fingerprinted -> {args.out}")
 

@@ -68,9 +68,10 @@ def _wide(series: dict[str, dict[float, float]], key: str, variants: list[str], 
             writer.writerow([x, *(series.get(v, {}).get(x, "") for v in variants)])
 
 
-def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: list[str]) -> list[str]:
+def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: list[str], run: str = "") -> list[str]:
     """The cross-variant tables of ``dvc.yaml``'s ``plots:`` from the stages' per-variant CSVs under
-    ``plots``, into ``out``; returns the inputs that were missing (their column stays blank).
+    ``plots`` (``<stage>/<variant>/<run>/``: ``run`` names the seed's folder, e.g. ``seed1``), into
+    ``out``; returns the inputs that were missing (their column stays blank).
 
     The OOD histograms get the columns ``score``, ``test`` and every set of ``ood_sets``
     (``evaluate.ood_sets``), blank where a variant skipped a set (its own training dataset), so
@@ -87,7 +88,7 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
     for name, (stage, file, key, column) in CURVES.items():
         series: dict[str, dict[float, float]] = {}
         for v in variants:
-            points = {_number(r.get(key)): _number(r.get(column)) for r in load(plots / stage / v / file)}
+            points = {_number(r.get(key)): _number(r.get(column)) for r in load(plots / stage / v / run / file)}
             series[v] = {x: y for x, y in points.items() if x is not None and y is not None}
         _wide(series, key, variants, out / f"{name}.csv")
 
@@ -95,7 +96,7 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
     series = {}
     for v in variants:
         points = {}
-        for r in load(plots / "eval" / v / "reliability.csv"):
+        for r in load(plots / "eval" / v / run / "reliability.csv"):
             low, high, acc = _number(r.get("bin_low")), _number(r.get("bin_high")), _number(r.get("accuracy"))
             if low is not None and high is not None and acc is not None and (_number(r.get("count")) or 0) > 0:
                 points[round(0.5 * (low + high), 6)] = acc
@@ -105,7 +106,7 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
     # robustness: accuracy per radius, one table per attack
     attacks: dict[str, dict[str, dict[float, float]]] = {}
     for v in variants:
-        for r in load(plots / "robustness" / v / "curve.csv"):
+        for r in load(plots / "robustness" / v / run / "curve.csv"):
             radius, acc = _number(r.get("radius")), _number(r.get("accuracy"))
             if radius is not None and acc is not None:
                 attacks.setdefault(r["attack"], {}).setdefault(v, {})[radius] = acc
@@ -120,9 +121,9 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
         shutil.rmtree(hist)
     hist.mkdir()
     for v in variants:
-        found = sorted((plots / "eval" / v).glob("ood_*.csv"))
+        found = sorted((plots / "eval" / v / run).glob("ood_*.csv"))
         if not found:
-            missing.append(str(plots / "eval" / v / "ood_<score>.csv"))
+            missing.append(str(plots / "eval" / v / run / "ood_<score>.csv"))
         for path in found:
             fields = ["score", "test", *ood_sets]
             with open(hist / f"{v}_{path.stem.removeprefix('ood_')}.csv", "w", newline="") as fh:

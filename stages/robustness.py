@@ -37,7 +37,7 @@ from stages.declared import Inputs, check_settings
 from stages.figures import plot_robustness
 from stages.outputs import building, write_metrics
 from stages.tracking import mlflow_run
-from stages.weights import load_selected
+from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def _radius_key(norm: str, eps: float) -> str:
@@ -56,8 +56,13 @@ def main() -> None:
 
     params = load_params()
     device = setup_run(params)
-    cfg = check_settings(args.config, instance_settings(params, "robustness", args.model.name))
+    name, seed = run_of(args.model)
+    cfg = check_settings(args.config, instance_settings(params, "robustness", name))
     inputs = Inputs(args.inputs)
+    stopped = diverged(args.model)
+    if stopped is not None:  # recovery off and the run diverged: nothing to attack
+        skip_diverged("robustness", stopped, params, args.metrics, (args.plots,))
+        return
     model, variant, select = load_selected(args.model, "robustness", str(cfg["select"]), device, params)
     role = variant.dataset
     test_split = load_split(inputs.need(args.data / role / "test.npz"))
@@ -74,8 +79,8 @@ def main() -> None:
     batch = int(cfg.get("batch_size", 250))
     torch.manual_seed(int(cfg.get("seed", 0)))
 
-    tags = {"variant": variant.name, "family": variant.family, "dataset": role}
-    with mlflow_run(f"robustness@{variant.name}", params, tags) as run:
+    tags = {"variant": variant.name, "seed": seed, "family": variant.family, "dataset": role}
+    with mlflow_run(stage_run("robustness", name, seed), params, tags) as run:
         run.log_params({"robustness": cfg})
         run.log_dataset(args.data / role / "test.npz", "testing", *test_split)
         metrics: dict[str, Any] = {"variant": variant.name, "dataset": role, "weights": select, "images": n,

@@ -35,7 +35,7 @@ from stages.declared import Inputs, check_settings
 from stages.figures import save_grid
 from stages.outputs import building, write_json
 from stages.tracking import mlflow_run
-from stages.weights import load_selected
+from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -89,14 +89,21 @@ def main() -> None:
 
     params = load_params()
     device = setup_run(params)
-    cfg = check_settings(args.config, instance_settings(params, "sample", args.model.name))
+    name, seed = run_of(args.model)
+    cfg = check_settings(args.config, instance_settings(params, "sample", name))
     inputs = Inputs(args.inputs)
+    stopped = diverged(args.model)
+    if stopped is not None:  # recovery off and the run diverged: nothing to sample
+        skip_diverged("sample", stopped, params, folders=(args.out,))
+        return
     model, variant, select = load_selected(args.model, "sample", str(cfg["select"]), device, params)
     role = variant.dataset
-    tags = {"variant": variant.name, "family": variant.family, "dataset": role}
+    tags = {"variant": variant.name, "seed": seed, "family": variant.family, "dataset": role}
     if not variant.uses_sampler:  # the papers report no IS/FID for softmax baselines
-        with mlflow_run(f"sample@{variant.name}", params, {**tags, "generative": False}), building(args.out) as tmp:
-            write_json(tmp / "info.json", {"variant": variant.name, "dataset": role, "generative": False,
+        with (mlflow_run(stage_run("sample", name, seed), params, {**tags, "generative": False}),
+              building(args.out) as tmp):
+            write_json(tmp / "info.json", {"variant": variant.name, "seed": seed, "dataset": role,
+                                           "generative": False,
                                            "reason": "softmax baseline: trained without p(x), not sampled"})
         print(f"[sample] {variant.name}: softmax baseline, no samples (the papers report none)")
         return
@@ -104,7 +111,7 @@ def main() -> None:
     chosen = load_tensors(weights, writer="its train stage")  # its replay buffer: the same moment as its weights
     if chosen.get("buffer") is None:
         raise StageError(f"{weights} holds no replay buffer (written before best_val kept one); rerun its train "
-                         f"stage (dvc repro -f train@{variant.name}) or set sample.select: last")
+                         f"stage (dvc repro -f {stage_run('train', name, seed)}) or set sample.select: last")
     mixture = load_mixture_stats(inputs.need(args.gmm / role / "stats.pt")) if variant.buffer.init == "gmm" else None
     p0 = build_p0(variant, (variant.model.in_channels, variant.model.image_size, variant.model.image_size),
                   mixture, device)
@@ -112,7 +119,7 @@ def main() -> None:
     classes = variant.model.num_classes
     torch.manual_seed(variant.train.seed)
 
-    with mlflow_run(f"sample@{variant.name}", params, tags) as run:
+    with mlflow_run(stage_run("sample", name, seed), params, tags) as run:
         run.log_params({"sample": cfg, "steps": steps})
         buffer = chosen["buffer"]["samples"]
         n_buffer = min(int(cfg["buffer"]), len(buffer))
@@ -140,7 +147,8 @@ def main() -> None:
             save_grid(sets["conditional"], tmp / "conditional.png", nrow=int(cfg["per_class"]))
             for key, index in ranked.items():
                 save_grid(_ranked_grid(pool, index), tmp / f"{key}.png", nrow=index.shape[1])
-            write_json(tmp / "info.json", {"variant": variant.name, "dataset": role, "generative": True,
+            write_json(tmp / "info.json", {"variant": variant.name, "seed": seed, "dataset": role,
+                                           "generative": True,
                                            "weights": select,
                                            "steps": steps, "counts": {k: len(v) for k, v in sets.items()},
                                            "ranked_from": "buffer + fresh, by predicted class"})

@@ -11,11 +11,11 @@ Not a DVC stage: it drives ``dvc repro`` in this workspace. A table is a list of
 Then, all in this workspace, so that ``dvc.lock`` records every stage:
 
 1. ``dvc repro inputs_data``: the shared stages (configure, data, GMM), once;
-2. ``dvc repro --single-item train@<v>`` for every variant, N at a time, each worker on its own
+2. ``dvc repro --single-item train@<v>-<seed>`` for every run (variant x seed), N at a time, each worker on its own
    device (``CUDA_VISIBLE_DEVICES``; on a CPU, N processes sharing the cores, each with torch's
    own thread count unless ``--threads``: the same arithmetic as a sequential ``dvc repro``);
-3. ``dvc repro inputs_fid``, then ``sample``, ``evaluate``, ``robustness``, ``fid`` of each variant,
-   N variants at a time;
+3. ``dvc repro inputs_fid``, then ``sample``, ``evaluate``, ``robustness``, ``fid`` of each run,
+   N runs at a time;
 4. ``dvc repro``: the report and anything left.
 
 DVC runs independent stages of one workspace side by side; a moment where another process holds
@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from jem.config.params import selected_seeds
 from stages.common import StageError, load_params, main_guard
 
 # DVC's words when another process holds the repository lock or a stage's read/write lock
@@ -103,19 +104,31 @@ def slots(devices: str | None, per_device: int, workers: int | None) -> list[str
     return [None] * max(1, workers or 2)
 
 
-def pick(variants: list[str], only: list[str]) -> list[str]:
-    """The variants ``--only`` names, by name or by 0-based index in the table (a SLURM array index)."""
+def runs_of(variants: list[str], seeds: list[int]) -> list[str]:
+    """Every run of the table, ``<variant>-<seed>`` (dvc.yaml's matrix suffix), variant by variant."""
+    return [f"{v}-{s}" for v in variants for s in seeds]
+
+
+def pick(variants: list[str], only: list[str], seeds: list[int] | None = None) -> list[str]:
+    """The runs ``--only`` names: a variant (all its seeds), one run ``<variant>-<seed>``, or a 0-based
+    index into ``runs_of`` (a SLURM array index: one task per run)."""
+    runs = runs_of(variants, seeds or [1])
     picked: list[str] = []
     for item in (x.strip() for entry in only for x in entry.split(",") if x.strip()):
         if item.isdigit():
-            if int(item) >= len(variants):
-                raise StageError(f"--only {item}: the table has {len(variants)} variants "
-                                 f"(indices 0-{len(variants) - 1})")
-            item = variants[int(item)]
-        elif item not in variants:
-            raise StageError(f"--only {item}: not a variant of this table ({', '.join(variants)})")
-        if item not in picked:
-            picked.append(item)
+            if int(item) >= len(runs):
+                raise StageError(f"--only {item}: the table has {len(runs)} runs "
+                                 f"({len(variants)} variants x {len(runs) // len(variants)} seeds; indices "
+                                 f"0-{len(runs) - 1}, see --list)")
+            chosen = [runs[int(item)]]
+        elif item in variants:
+            chosen = [r for r in runs if r.rsplit("-", 1)[0] == item]
+        elif item in runs:
+            chosen = [item]
+        else:
+            raise StageError(f"--only {item}: not a variant or run of this table ({', '.join(variants)}; "
+                             "a run is <variant>-<seed>, see --list)")
+        picked += [r for r in chosen if r not in picked]
     return picked
 
 
@@ -163,8 +176,9 @@ def main() -> None:
                     "but CPU sums then add up in another order)")
     ap.add_argument("--logs", type=Path, default=Path("logs"), help="where each worker's log goes (default logs/)")
     ap.add_argument("--only", action="append", default=[], metavar="VARIANT",
-                    help="train and evaluate only these variants (names or 0-based indices in the table, "
-                    "comma-separated or repeated; e.g. $SLURM_ARRAY_TASK_ID), not the report: one machine's share")
+                    help="train and evaluate only these runs: a variant (all its seeds), a run <variant>-<seed>, or "
+                    "a 0-based index from --list; comma-separated or repeated (e.g. $SLURM_ARRAY_TASK_ID); not "
+                    "the report: one machine's share")
     ap.add_argument("--shared", action="store_true",
                     help="only the shared stages (data, GMM, FID reference statistics): run once before --only tasks")
     ap.add_argument("--pull", action="store_true",
@@ -172,7 +186,7 @@ def main() -> None:
     ap.add_argument("--push", action="store_true",
                     help="at the end push the outputs and their run cache (dvc push --run-cache) to the default remote")
     ap.add_argument("--list", action="store_true",
-                    help="print the table's variants, one per line with its --only index, and stop")
+                    help="print the table's runs (variants x seeds), one per line with its --only index, and stop")
     ap.add_argument("--run-id", help="the MLflow tag table_run of every run (default: table name and time, or "
                     "the SLURM array job id)")
     args = ap.parse_args()
@@ -188,8 +202,8 @@ def main() -> None:
         if listed is None:
             raise StageError(f"table {args.table!r} is not under `tables` in params.yaml; defined: "
                              f"{', '.join(sorted(tables)) or 'none'}")
-        for i, v in enumerate(listed):
-            print(f"{i}\t{v}")
+        for i, r in enumerate(runs_of(listed, selected_seeds(params))):
+            print(f"{i}\t{r}")
         return
     if args.table is not None:
         if args.table not in tables:
@@ -199,7 +213,8 @@ def main() -> None:
             set_variants(Path("params.yaml"), list(tables[args.table]))
             params = load_params()
     variants = list(params["variants"])
-    mine = [] if args.shared else pick(variants, args.only) if args.only else variants
+    seeds = selected_seeds(params)
+    mine = [] if args.shared else pick(variants, args.only, seeds) if args.only else runs_of(variants, seeds)
     partial = args.shared or bool(args.only)  # one machine's share: no report
     scale = str(params["scale"])
     workers = slots(args.devices, args.per_device, args.workers)
@@ -212,7 +227,7 @@ def main() -> None:
         with printing:
             print(line, flush=True)
 
-    say(f"[table] {run_id}: {len(variants)} variants at scale {scale}, {len(workers)} workers "
+    say(f"[table] {run_id}: {len(variants)} variants x {len(seeds)} seeds at scale {scale}, {len(workers)} workers "
         f"({', '.join('cuda ' + w if w is not None else 'cpu' for w in workers)}); logs in {logs}/"
         + (f"; this machine: {', '.join(mine) or 'the shared stages'}" if partial else ""))
     if args.pull:
@@ -256,12 +271,12 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=len(workers)) as ex:
             return [r for r in ex.map(run, tasks) if r[1] != 0]
 
-    failed = phase([Task(f"train@{v}", [f"train@{v}"]) for v in mine])
+    failed = phase([Task(f"train@{r}", [f"train@{r}"]) for r in mine])
     if dvc([*repro, "inputs_fid"], base, logs / "shared.log", say):
         raise StageError(f"the reference statistics (fid_ref, inputs_fid) failed; see {logs / 'shared.log'}")
-    trained = [v for v in mine if f"train@{v}" not in {t.name for t, _, _ in failed}]
-    failed += phase([Task(f"evaluation@{v}", [f"sample@{v}", f"evaluate@{v}", f"robustness@{v}", f"fid@{v}"])
-                     for v in trained])
+    trained = [r for r in mine if f"train@{r}" not in {t.name for t, _, _ in failed}]
+    failed += phase([Task(f"evaluation@{r}", [f"sample@{r}", f"evaluate@{r}", f"robustness@{r}", f"fid@{r}"])
+                     for r in trained])
     if args.push:  # what did finish is worth sharing even when a variant failed
         say("[table] dvc push --run-cache: this machine's outputs and their run cache")
         if dvc(["push", "--run-cache"], base, logs / "transfer.log", say):
@@ -269,7 +284,7 @@ def main() -> None:
     if failed:
         for task, code, log in failed:
             print(f"error: {task.name} failed (exit {code}); its log: {log}", file=sys.stderr)
-        print(f"error: {len(failed)} of {len(mine)} variants failed; the others' results are kept. Run the same "
+        print(f"error: {len(failed)} of {len(mine)} runs failed; the others' results are kept. Run the same "
               "command again: finished stages are up to date, a training resumes from its last checkpoint",
               file=sys.stderr)
         raise SystemExit(1)

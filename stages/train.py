@@ -13,7 +13,15 @@ Checkpoints written for different params are set aside (``stale/``) and training
 When training diverges (``jem.method.train.Trainer.divergence``), the run rolls back to its last good
 checkpoint and applies the variant's ``recovery`` remedies, each event logged here and to
 MLflow; once ``recovery.max_retries`` retries are spent the stage exits with status 3 and the
-last good checkpoint stays.
+last good checkpoint stays. With ``recovery.enabled: false`` the run stops at its first
+divergence instead and the stage succeeds: ``--out`` then holds ``diverged.json`` (iteration,
+epoch, signal) instead of weights, and the stages after it and the report say "diverged at
+epoch e". Every run's metrics count its divergence events (``divergence_events``,
+``events_per_1k_iters``, ``first_divergence_epoch``; the events themselves in the notes), which
+the report's stability table sums over seeds.
+
+``--seed`` is the run's training seed (one of ``seeds`` in params.yaml; dvc.yaml's matrix runs
+``train@<variant>-<seed>`` into ``<variant>/seed<seed>/`` folders).
 
 With ``run.nproc`` > 1 the stage relaunches itself under ``torchrun`` (one process per GPU,
 ``jem.runtime.distributed``): rank 0 logs, writes the checkpoints (with every rank's buffer shard)
@@ -41,7 +49,7 @@ from typing import Any
 import torch
 
 from jem.config.instances import instance_settings
-from jem.config.params import scale_name
+from jem.config.params import run_name, scale_name
 from jem.config.settings import section
 from jem.config.variant import Variant, resolve_perf
 from jem.data.batches import to_unit_range
@@ -56,11 +64,33 @@ from jem.runtime.distributed import barrier
 from stages.common import StageError, load_params, main_guard, setup_run
 from stages.declared import Inputs, check_settings
 from stages.figures import plot_learning_curves
-from stages.outputs import building, write_metrics
+from stages.outputs import building, write_json, write_metrics
 from stages.tracking import mlflow_run
+from stages.weights import stage_run
 
 STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train",
                "saturation", "lr")
+
+
+SIGNALS = {"non-finite": "non_finite", "exploding energy": "exploding_energy", "saturated samples": "saturated_samples"}
+
+
+def signal_of(reason: str) -> str:
+    """The divergence test that fired (``Trainer.divergence``'s reason, shortened)."""
+    return next((v for k, v in SIGNALS.items() if reason.startswith(k)), "other")
+
+
+def epoch_of(step: int, iters_per_epoch: int) -> int:
+    """The (1-based) epoch iteration ``step`` belongs to."""
+    return (max(step, 1) - 1) // iters_per_epoch + 1
+
+
+def stability(events: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """A run's divergence record: whether it diverged, how often per 1,000 iterations, and when first."""
+    return {"diverged": int(bool(events)), "divergence_events": len(events),
+            "events_per_1k_iters": round(1000 * len(events) / max(steps, 1), 4),
+            "first_divergence_epoch": events[0]["epoch"] if events else None,
+            "divergence_log": [{k: e.get(k) for k in ("step", "epoch", "signal", "reason", "remedy")} for e in events]}
 
 
 class RecoveryExhausted(RuntimeError):
@@ -117,6 +147,7 @@ def resume(trainer: Trainer, checkpoints: CheckpointDir, say: Callable[[str], No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", required=True)
+    ap.add_argument("--seed", type=int, help="the training seed, one of `seeds` (default: the first)")
     ap.add_argument("--data", type=Path, required=True, help="prepared data folder of this scale")
     ap.add_argument("--gmm", type=Path, required=True, help="mixture statistics folder of this scale")
     ap.add_argument("--out", type=Path, required=True)
@@ -136,9 +167,11 @@ def main() -> None:
     info, device = distributed.init(device)
     say = log if info.is_main else quiet
     name = args.variant
-    settings = check_settings(args.config, instance_settings(params, "train", name))
+    run_id = name if args.seed is None else run_name(name, args.seed)
+    settings = check_settings(args.config, instance_settings(params, "train", run_id))
     inputs = Inputs(args.inputs)
     variant = Variant.from_dict(settings["variant"], where=f"methods.{name}")
+    seed = variant.train.seed
     role = variant.dataset
     meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
     if int(meta["num_classes"]) != variant.model.num_classes:
@@ -190,8 +223,9 @@ def main() -> None:
             checkpoints.save(state, t.step)
         barrier(info)
 
-    tags = {"variant": name, "family": variant.family, "dataset": role, "source": meta["source"]}
-    with mlflow_run(f"train@{name}", params, {**tags, "processes": info.world}, main=info.is_main) as run:
+    tags = {"variant": name, "seed": seed, "family": variant.family, "dataset": role, "source": meta["source"]}
+    with mlflow_run(stage_run("train", name, args.seed), params, {**tags, "processes": info.world},
+                    main=info.is_main) as run:
         run.log_params(variant.to_dict())
         run.log_params({"perf": dataclasses.asdict(perf), "nproc": info.world})
         run.set_tags({"perf": perf_line})
@@ -228,7 +262,8 @@ def main() -> None:
             planned = [fresh.planned_remedy(k) for k in range(1, attempt + 1)]
             for remedy in planned[len(fresh.remedies):]:  # remedies accumulate over retries
                 fresh.apply_remedy(remedy)
-            event = {"attempt": attempt, "step": exc.step, "reason": exc.reason, "remedy": planned[-1],
+            event = {"attempt": attempt, "step": exc.step, "epoch": epoch_of(exc.step, fresh.iters_per_epoch),
+                     "signal": signal_of(exc.reason), "reason": exc.reason, "remedy": planned[-1],
                      "resumed_from_step": fresh.step, "remedies": list(fresh.remedies),
                      "sampler_steps": fresh.sampler_cfg.steps, "lr": fresh.lr}
             events.append(event)
@@ -240,14 +275,26 @@ def main() -> None:
             return fresh
 
         start = time.perf_counter()
+        stopped: dict[str, Any] | None = None  # the divergence a run with recovery off stopped at
         while trainer.step < trainer.total_steps:
             improved = False  # on rank 0, which validates
             epoch_end = (trainer.epoch + 1) * trainer.iters_per_epoch
             try:
                 trainer.fit(until=epoch_end, on_log=on_log, on_checkpoint=on_checkpoint, progress=info.is_main)
             except DivergenceError as exc:
-                trainer = recover(exc)
-                continue
+                if variant.recovery.enabled:
+                    trainer = recover(exc)
+                    continue
+                stopped = {"variant": name, "seed": seed, "step": exc.step,
+                           "epoch": epoch_of(exc.step, trainer.iters_per_epoch), "signal": signal_of(exc.reason),
+                           "reason": exc.reason, "remedy": "none (recovery.enabled: false)"}
+                events.append(stopped)
+                seconds += time.perf_counter() - start
+                say(f"{name} seed {seed}: diverged at step {exc.step} (epoch {stopped['epoch']}): {exc.reason}; "
+                    "recovery.enabled is false, so the run stops here and is recorded as diverged")
+                run.set_tags({"diverged": f"epoch {stopped['epoch']}, step {exc.step}: {exc.reason}"})
+                run.log_metrics({"recovery/diverged_at": exc.step}, step=exc.step)
+                break
             epoch = trainer.epoch
             if info.is_main and val is not None and (epoch % val_every == 0 or trainer.step == trainer.total_steps):
                 logits = predict_logits(trainer.model, val[0], device=device)
@@ -269,6 +316,9 @@ def main() -> None:
             buffer = {"samples": buffer["samples"], "labels": buffer["labels"]}
         if not info.is_main:
             return
+        if stopped is not None:
+            _write_diverged(args, stopped, steps_log, val_log, seconds, stability(events, stopped["step"]), run)
+            return
         with building(args.out) as tmp:
             save_model(tmp / "final.pt", trainer.model, variant.to_dict(), buffer=buffer,
                        step=trainer.step, epoch=trainer.epoch, dataset=role, remedies=trainer.remedies)
@@ -288,6 +338,8 @@ def main() -> None:
             "val_acc_best": best["val_acc"] if best["epoch"] >= 0 else None,
             "best_epoch": best["epoch"] if best["epoch"] >= 0 else None,
             "recovery_retries": len(events), "remedies": ",".join(trainer.remedies) or "none",
+            "status": "ok", "seed": seed, "recovery": "on" if variant.recovery.enabled else "off",
+            **stability(events, trainer.step),
         }
         write_metrics(args.metrics, metrics)
         if info.is_main:
@@ -298,6 +350,27 @@ def main() -> None:
         val_text = f"{metrics['val_acc']:.4f}" if metrics["val_acc"] is not None else "n/a"
         say(f"{name}: {trainer.step} steps in {seconds:.0f}s, val acc {val_text}"
             + (f", {len(events)} recoveries ({metrics['remedies']})" if events else ""))
+
+
+def _write_diverged(args: argparse.Namespace, stopped: dict[str, Any], steps_log: list[dict[str, float]],
+                    val_log: list[dict[str, float]], seconds: float, record: dict[str, Any], run: Any) -> None:
+    """The outputs of a run that stopped at a divergence (recovery off): no weights, the record."""
+    with building(args.out) as tmp:
+        write_json(tmp / "diverged.json", stopped)
+    with building(args.plots) as tmp:
+        _write_csv(tmp / "steps.csv", steps_log, STEP_FIELDS)
+        _write_csv(tmp / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
+        plot_learning_curves(steps_log, val_log, tmp / "curves.png",
+                             title=f"train@{stopped['variant']} seed {stopped['seed']}: diverged at epoch "
+                                   f"{stopped['epoch']}")
+    write_metrics(args.metrics, {
+        "status": "diverged", "seed": stopped["seed"], "recovery": "off", "steps": stopped["step"],
+        "epochs": stopped["epoch"] - 1,
+        "train_seconds": round(seconds, 2), "diverged_at_epoch": stopped["epoch"],
+        "diverged_at_step": stopped["step"], "reason": stopped["reason"],
+        "val_acc": val_log[-1]["val_acc"] if val_log else None, **record})
+    run.log_metrics({"stability/divergence_events": record["divergence_events"]})
+    run.log_artifact(args.plots)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:

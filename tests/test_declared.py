@@ -102,8 +102,9 @@ def test_each_instance_lists_its_own_role_and_ood_sets(tmp_path, monkeypatch):
     resolved = instances(params, "demo")
 
     def files(kind: str, name: str) -> set[str]:
-        train = resolved["train", name] if kind != "fid_ref" else None
-        return {p.as_posix() for p in reads(kind, name, resolved[kind, name], train, "demo")}
+        train = resolved["train", f"{name}/seed1"] if kind != "fid_ref" else None  # train: one instance per seed
+        own = train if kind == "train" else resolved[kind, name]
+        return {p.as_posix() for p in reads(kind, name, own, train, "demo")}
 
     assert files("train", "c100_jempp_m10") == {"data/demo/cifar100/meta.json", "data/demo/cifar100/train.npz",
                                                 "data/demo/cifar100/val.npz", "gmm/demo/cifar100/stats.pt"}

@@ -100,5 +100,5 @@ def test_unavailable_reference_is_carried_to_the_score(workspace: Path, monkeypa
                                        metrics=Path("m.json"), config=None, inputs=None))
     metrics = read_metrics(workspace / "m.json")
     assert metrics["status"] == "unavailable" and "weights/x.pth" in metrics["reason"]
-    assert set(metrics) == {"variant", "status", "reason"}  # no number at all
+    assert set(metrics) == {"variant", "seed", "status", "reason"} and metrics["seed"] is None  # no number at all
     assert json.loads((workspace / "m.json").read_text()) == {}  # the metrics file: numbers only, so empty

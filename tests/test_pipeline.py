@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -50,27 +51,27 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     params = yaml.safe_load((path / "params.yaml").read_text())
     variants = params["variants"]
     per_variant = ("train", "sample", "evaluate", "fid", "robustness")
-    assert {f"{s}@{v}" for s in per_variant for v in variants} | {"report"} <= stages
+    assert {f"{s}@{v}-1" for s in per_variant for v in variants} | {"report"} <= stages
 
     first = run_ok([*dvc, "repro"], path, env)
     assert _ran(first) == stages, f"not run: {stages - _ran(first)}"
     lock = yaml.safe_load((path / "dvc.lock").read_text())
     assert set(lock["stages"]) == stages
     for v in variants:
-        metrics = read_metrics(path / "metrics" / "tiny" / "eval" / f"{v}.json")
+        metrics = read_metrics(path / "metrics" / "tiny" / "eval" / f"{v}/seed1.json")
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["ece"] <= 1
-        assert (path / "models" / "tiny" / v / "final.pt").exists()
-        assert (path / "plots" / "tiny" / "train" / v / "curves.png").exists()
+        assert (path / "models" / "tiny" / v / "seed1" / "final.pt").exists()
+        assert (path / "plots" / "tiny" / "train" / v / "seed1" / "curves.png").exists()
         assert set(metrics["ood"]) == {"log_px", "max_prob", "grad_norm"}
         assert all(0 <= a <= 1 for d in metrics["ood"].values() for a in d.values())
         assert set(metrics["ood"]["log_px"]) == {"svhn", "interp", "cifar100", "celeba"}
-        fid = read_metrics(path / "metrics" / "tiny" / "fid" / f"{v}.json")
+        fid = read_metrics(path / "metrics" / "tiny" / "fid" / f"{v}/seed1.json")
         if v == "softmax":
             assert fid["status"] == "not applicable"
         else:  # no Inception weights offline: said so, with the reason, and no number
             assert fid["status"] == "unavailable" and "weights/pt_inception" in fid["reason"]
             assert "buffer" not in fid
-        rob = read_metrics(path / "metrics" / "tiny" / "robustness" / f"{v}.json")
+        rob = read_metrics(path / "metrics" / "tiny" / "robustness" / f"{v}/seed1.json")
         assert 0 <= rob["pgd_linf"]["8/255"] <= 1 and 0 <= rob["pgd_l2"]["0.5"] <= 1
         assert rob["bpda"]["status"] == ("not applicable" if v == "softmax" else "ok")
     reports = path / "reports" / "tiny"
@@ -82,7 +83,7 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
     assert {"landscape_shared_y.png", "landscape_per_model.png", "robustness_PGD_linf.png"} <= figures
     assert all(f"reliability_{v}.png" in figures and f"learning_curves_{v}.png" in figures for v in variants)
     assert "samples_sadajem_k5_best_px.png" in figures
-    assert (path / "samples" / "tiny" / "sadajem_k5" / "conditional.png").exists()
+    assert (path / "samples" / "tiny" / "sadajem_k5" / "seed1" / "conditional.png").exists()
 
     from mlflow.tracking import MlflowClient
 
@@ -107,14 +108,53 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(repo):
                  "datasets" if tags["stage"] in ("prepare", "gmm", "fid_ref") else None)
         assert tags.get("mlflow.parentRunId") == (parents[group].info.run_id if group else None), r.info.run_name
         if tags["stage"] in per_variant:
-            assert tags["variant"] == r.info.run_name.split("@")[1] and tags["dataset"] == "cifar10"
-    train = next(r for r in runs if r.info.run_name == "train@sadajem_k5")
+            assert f"{tags['variant']}-{tags['seed']}" == r.info.run_name.split("@")[1] and tags["seed"] == "1"
+            assert tags["dataset"] == "cifar10"
+    train = next(r for r in runs if r.info.run_name == "train@sadajem_k5-1")
     assert train.data.params["sampler.kind"] == "sgld" and "train/loss" in train.data.metrics
     assert len(client.get_metric_history(train.info.run_id, "train/loss")) >= 2
 
     second = run_ok([*dvc, "repro"], path, env)
     assert not _ran(second), f"a second repro reran {_ran(second)}"
     assert len(client.search_runs([experiment.experiment_id], max_results=1000)) == len(everything)
+
+    # a second seed: only its runs train, each its own MLflow run under the variant's parent; the report
+    # gives mean +- std (n), each seed's value in the CSV, and the stability and claims tables
+    params["seeds"] = [1, 2]
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run_ok([*dvc, "repro"], path, env)
+    assert _ran(third) - CHEAP == {f"{s}@{v}-2" for s in per_variant for v in variants} | {"report"}, _ran(third)
+    table1 = pd.read_csv(reports / "sadajem_table1.csv").set_index("variant")
+    for v in variants:
+        row = table1.loc[v]
+        seeds = [float(row[f"accuracy seed {s}"]) for s in (1, 2)]
+        assert int(row["accuracy n"]) == 2 and float(row["accuracy ours"]) == pytest.approx(sum(seeds) / 2)
+        assert float(row["accuracy std"]) == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5)
+    shown = (reports / "sadajem_table1.md").read_text()
+    assert " ± " in shown and "(2) |" in shown
+    assert not [c for c in table1.columns if c.endswith("diff")]  # the tiny scale: no difference column
+    stability = pd.read_csv(reports / "stability.csv").set_index("variant")
+    assert stability["runs"].tolist() == [2, 2]
+    claims = pd.read_csv(reports / "claims.csv")
+    assert set(claims["status"]) <= {"holds", "does not hold", "not run", "not measured"}
+    assert (claims["status"] != "not run").sum() >= 3  # e.g. SADA-JEM against softmax on accuracy and ECE
+    text = (reports / "README.md").read_text()
+    assert "## Stability" in text and "## The papers' claims" in text and "seeds 1, 2" in text
+    seed2 = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id], max_results=1000)
+             if r.data.tags.get("seed") == "2"}
+    assert set(seed2) == {f"{s}@{v}-2" for s in per_variant for v in variants}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[r.data.tags["variant"]].info.run_id for r in seed2.values())
+    # back to one seed, as the other tests expect: seed 2's outputs go, the rest is as it was
+    params["seeds"] = [1]
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for folder in ("models", "checkpoints", "samples", "plots/tiny/train", "plots/tiny/eval", "plots/tiny/robustness",
+                   "metrics/tiny/train", "metrics/tiny/eval", "metrics/tiny/fid", "metrics/tiny/robustness"):
+        root = path / folder if folder.count("/") else path / folder / "tiny"
+        for v in variants:
+            for p in (root / v).glob("seed2*"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    fourth = run_ok([*dvc, "repro"], path, env)
+    assert _ran(fourth) - CHEAP <= {"report"}, _ran(fourth)
 
 
 
@@ -129,7 +169,7 @@ def _leaves(tree: object) -> Iterator[object]:
 def _state(path: Path, variant: str) -> dict:
     import torch
 
-    return torch.load(path / "models" / "tiny" / variant / "final.pt", map_location="cpu", weights_only=True)
+    return torch.load(path / "models" / "tiny" / variant / "seed1" / "final.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
@@ -153,7 +193,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
         run_ok(cmd, work, env)
     table = [sys.executable, "-m", "stages.table", "--workers", "2"]  # torch's own threads, as the sequential repro
     out = run_ok(table, work, env)
-    assert "every stage up to date" in out and "train@sadajem_k5: started" in out, out
+    assert "every stage up to date" in out and "train@sadajem_k5-1: started" in out, out
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
     stages = set(run_ok([*dvc, "stage", "list", "--name-only"], work, env).split())
     assert set(yaml.safe_load((work / "dvc.lock").read_text())["stages"]) == stages
@@ -163,7 +203,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
         if sequential.get("buffer") is not None:
             assert torch.equal(ours["buffer"]["samples"], sequential["buffer"]["samples"])
         for kind in ("eval", "robustness"):
-            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}.json") for p in (work, path))
+            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}/seed1.json") for p in (work, path))
             assert a == b, (v, kind)
 
     from mlflow.tracking import MlflowClient
@@ -181,7 +221,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     started = time.time()
     proc = subprocess.Popen(table, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoints = work / "checkpoints" / "tiny" / "sadajem_k5"
+    checkpoints = work / "checkpoints" / "tiny" / "sadajem_k5" / "seed1"
 
     def new_checkpoint() -> bool:  # the first run's checkpoints are set aside when the params changed
         return any(p.stat().st_mtime > started for p in checkpoints.glob("step-*.pt"))
@@ -194,16 +234,16 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(r
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 1, stdout + stderr
     failed = [line for line in stderr.splitlines() if line.startswith("error: train@")]
-    assert len(failed) == 1 and "train@sadajem_k5 failed" in failed[0], stderr
+    assert len(failed) == 1 and "train@sadajem_k5-1 failed" in failed[0], stderr
     log = Path(work / failed[0].rsplit("its log: ", 1)[1])
-    assert log.exists() and "Running stage 'train@sadajem_k5'" in log.read_text()
-    assert (work / "models" / "tiny" / "softmax" / "final.pt").exists()
+    assert log.exists() and "Running stage 'train@sadajem_k5-1'" in log.read_text()
+    assert (work / "models" / "tiny" / "softmax" / "seed1" / "final.pt").exists()
 
     again = run_ok(table, work, env)
     assert "every stage up to date" in again
     logs = sorted((work / "logs" / "tiny").iterdir())[-1]
-    assert "Running stage" not in (logs / "train@softmax.log").read_text()  # finished: not retrained
-    assert "resumed from checkpoints/tiny/sadajem_k5/step-" in (logs / "train@sadajem_k5.log").read_text()
+    assert "Running stage" not in (logs / "train@softmax-1.log").read_text()  # finished: not retrained
+    assert "resumed from checkpoints/tiny/sadajem_k5/seed1/step-" in (logs / "train@sadajem_k5-1.log").read_text()
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
 
 
@@ -254,13 +294,13 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     for index, variant in enumerate(("softmax", "sadajem_k5")):
         work = origin / ".slurm" / "pair" / str(index)
         ran = {s for log in (work / "logs" / "tiny" / run_id).glob("*.log") for s in _ran(log.read_text())}
-        assert {f"train@{variant}", f"evaluate@{variant}"} <= ran, ran
+        assert {f"train@{variant}-1", f"evaluate@{variant}-1"} <= ran, ran
         assert not [s for s in ran if s.split("@")[0] in ("configure", "prepare", "gmm", "fid_ref")], ran
-        assert not [s for s in ran if s.endswith("@" + ("sadajem_k5" if index == 0 else "softmax"))], ran
+        assert not [s for s in ran if s.endswith("@" + ("sadajem_k5-1" if index == 0 else "softmax-1"))], ran
         client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
                                   f"tags.table_run = '{run_id}'")
-        assert {r.info.run_name for r in runs} >= {f"train@{variant}", f"evaluate@{variant}"}
+        assert {r.info.run_name for r in runs} >= {f"train@{variant}-1", f"evaluate@{variant}-1"}
 
     logs = origin / "logs" / "tiny" / run_id
     ran = {s for log in logs.glob("*.log") for s in _ran(log.read_text())}
@@ -270,7 +310,7 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
         ours, sequential = _state(origin, v), _state(path, v)
         assert all(torch.equal(ours["model"][k], t) for k, t in sequential["model"].items()), v
         for kind in ("eval", "robustness"):
-            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}.json") for p in (origin, path))
+            a, b = (read_metrics(p / "metrics" / "tiny" / kind / f"{v}/seed1.json") for p in (origin, path))
             assert a == b, (v, kind)
     assert (origin / "reports" / "tiny" / "summary.csv").exists()
     for folder in (origin / ".slurm", remote):  # each clone holds its own GMM statistics: free the disk
@@ -291,7 +331,7 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
     shown = json.loads(run_ok([*dvc, "metrics", "show", "--json"], path, env).strip().splitlines()[-1])
     [workspace] = shown.values()  # one revision: the workspace
     files = workspace["data"]
-    assert {f"metrics/tiny/{s}/{v}.json" for s in ("train", "eval", "fid", "robustness")
+    assert {f"metrics/tiny/{s}/{v}/seed1.json" for s in ("train", "eval", "fid", "robustness")
             for v in ("softmax", "sadajem_k5")} == set(files)
     values = list(_leaves({k: f["data"] for k, f in files.items()}))
     assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), \
@@ -328,7 +368,7 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         runs = rest_api(url, "runs/search",
                         {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
         by_name = {r["info"]["run_name"]: r for r in runs}
-        train = by_name["train@sadajem_k5"]
+        train = by_name["train@sadajem_k5-1"]
         run_tags = {t["key"]: t["value"] for t in train["data"]["tags"]}
         assert run_tags["mlflow.parentRunId"] == by_name["sadajem_k5"]["info"]["run_id"]
         inputs = {d["dataset"]["name"]: d for d in train["inputs"]["dataset_inputs"]}
@@ -338,7 +378,7 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         assert json.loads(train_set["dataset"]["source"])["uri"] == "data/tiny/cifar10/train.npz"
         assert json.loads(train_set["dataset"]["profile"])["features_shape"] == [256, 3, 32, 32]
         assert train_set["dataset"]["digest"]
-        evaluate = by_name["evaluate@sadajem_k5"]
+        evaluate = by_name["evaluate@sadajem_k5-1"]
         assert [d["dataset"]["name"] for d in evaluate["inputs"]["dataset_inputs"]] == ["cifar10/test"]
 
         models = rest_api(url, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
@@ -357,7 +397,7 @@ def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_p
         mlflow.set_tracking_uri(url)
         served = mlflow.pytorch.load_model(f"models:/{trained[0]['info']['model_id']}")  # via the artifact proxy
         images, _ = load_split(path / "data" / "tiny" / "cifar10" / "test.npz")
-        ours, _ = load_model(path / "models" / "tiny" / "sadajem_k5" / "final.pt")
+        ours, _ = load_model(path / "models" / "tiny" / "sadajem_k5" / "seed1" / "final.pt")
         x = torch.from_numpy(images[:5]).float() / 127.5 - 1
         with torch.no_grad():
             np.testing.assert_allclose(served(x).numpy(), predict_logits(ours, torch.from_numpy(images[:5])).numpy(),
@@ -392,27 +432,27 @@ SETTINGS_RERUN = CHEAP  # a params edit that changes some instance's settings: c
 # then flags: the expensive stages `dvc repro` would run next)
 EDITS = [
     ("a family key", "params.yaml", _params_edit({"families.sadajem.sampler.step_size": 0.9}),
-     SETTINGS_RERUN, {"train@sadajem_k5"}),
+     SETTINGS_RERUN, {"train@sadajem_k5-1"}),
     ("a method key", "params.yaml", _params_edit({"methods.sadajem_k5.optim": {"rho": 0.3}}),
-     SETTINGS_RERUN, {"train@sadajem_k5"}),
+     SETTINGS_RERUN, {"train@sadajem_k5-1"}),
     ("a key of this scale", "params.yaml", _params_edit({"scales.tiny.variant.train.log_every": 2}),
-     SETTINGS_RERUN, {"train@softmax", "train@sadajem_k5"}),
+     SETTINGS_RERUN, {"train@softmax-1", "train@sadajem_k5-1"}),
     ("a key of another scale", "params.yaml", _params_edit({"scales.demo.variant.model.width": 2}),
      {"configure"}, set()),
     ("a stage-section key", "params.yaml", _params_edit({"evaluate.ece_bins": 10}),
-     SETTINGS_RERUN, {"evaluate@softmax", "evaluate@sadajem_k5"}),
+     SETTINGS_RERUN, {"evaluate@softmax-1", "evaluate@sadajem_k5-1"}),
     ("a family's entry of a stage-section table", "params.yaml", _params_edit({"evaluate.input_noise.sadajem": 0.01}),
-     SETTINGS_RERUN, {"evaluate@sadajem_k5"}),
+     SETTINGS_RERUN, {"evaluate@sadajem_k5-1"}),
     ("a generative-only key of a softmax variant's family", "params.yaml",
      _params_edit({"families.softmax.sampler": {"steps": 3}}), {"configure"}, set()),
     ("another dataset role (the near-OOD set)", "params.yaml", _params_edit({"datasets.cifar100.tiny.seed": 5}),
      SETTINGS_RERUN | {"prepare@cifar100", "gmm@cifar100", "fid_ref@cifar100"},
-     {"evaluate@softmax", "evaluate@sadajem_k5"}),
+     {"evaluate@softmax-1", "evaluate@sadajem_k5-1"}),
     ("a module training imports", "jem/runtime/distributed.py", lambda text: text + "# an edit\n",
      {"gmm@cifar10", "gmm@cifar100", "fid_ref@cifar10", "fid_ref@cifar100"},
-     {f"{s}@{v}" for s in PER_VARIANT for v in V}),
+     {f"{s}@{v}-1" for s in PER_VARIANT for v in V}),
     ("a module only evaluation imports", "jem/evaluation/ood.py", lambda text: text + "# an edit\n",
-     set(), {"evaluate@softmax", "evaluate@sadajem_k5"}),
+     set(), {"evaluate@softmax-1", "evaluate@sadajem_k5-1"}),
     ("a comment in params.yaml", "params.yaml", lambda text: text.replace("\nvariants:", "\n# a note\nvariants:", 1),
      set(), set()),
     ("the order of params.yaml's keys", "params.yaml",
@@ -446,12 +486,12 @@ def test_each_edit_reruns_exactly_the_stages_that_read_what_changed(repo):
     (path / "params.yaml").write_text(EDITS[0][2]((path / "params.yaml").read_text()))
     out = run_ok([*dvc, "repro"], path, env)
     # (configure and inputs_* ran for this very edit above: DVC's run cache restores them now)
-    assert _ran(out) - CHEAP == {f"{s}@sadajem_k5" for s in PER_VARIANT} | {"report"}
+    assert _ran(out) - CHEAP == {f"{s}@sadajem_k5-1" for s in PER_VARIANT} | {"report"}
     diff = json.loads(run_ok([*dvc, "params", "diff", "--json"], path, env).strip().splitlines()[-1])
     change = {"old": 1.0, "new": 0.9, "diff": pytest.approx(-0.1)}
     assert diff["params.yaml"] == {"families.sadajem.sampler.step_size": change}
-    assert diff["config/tiny/settings/train/sadajem_k5.yaml"] == {"variant.sampler.step_size": change}
-    assert set(diff) == {"params.yaml", "config/tiny/settings/train/sadajem_k5.yaml"}
+    assert diff["config/tiny/settings/train/sadajem_k5/seed1.yaml"] == {"variant.sampler.step_size": change}
+    assert set(diff) == {"params.yaml", "config/tiny/settings/train/sadajem_k5/seed1.yaml"}
 
 
 @pytest.mark.slow
@@ -480,12 +520,12 @@ def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id], max_results=1000)
-    rerun = {f"{s}@sadajem_k5" for s in ("train", "sample", "evaluate", "fid", "robustness")} | {"report"}
+    rerun = {f"{s}@sadajem_k5-1" for s in ("train", "sample", "evaluate", "fid", "robustness")} | {"report"}
     for name, rho in experiments.items():
         mine = [r for r in runs if r.data.tags.get("dvc_exp") == name and "dvc_stage" in r.data.tags]
         assert sorted(r.info.run_name for r in mine) == sorted(rerun), name
         assert all(r.info.status == "FINISHED" for r in mine)
-        train = next(r for r in mine if r.info.run_name == "train@sadajem_k5")
+        train = next(r for r in mine if r.info.run_name == "train@sadajem_k5-1")
         assert train.data.params["optim.rho"] == rho
         parent = [r for r in runs if r.data.tags.get("jem_group") == "sadajem_k5"
                   and r.data.tags.get("dvc_exp") == name]
@@ -526,7 +566,7 @@ def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
 
     # whoever can write to the remote can deny service, not substitute content: dvc.lock (in git) pins the
     # hash, and a tampered object is refused on download, never checked out
-    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train@sadajem_k5"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train@sadajem_k5-1"]
     folder = next(o["md5"] for o in lock["outs"] if o["path"] == "models/tiny/sadajem_k5")
     manifest = json.loads((remote / "files" / "md5" / folder[:2] / folder[2:]).read_text())
     weights = next(e["md5"] for e in manifest if e["relpath"] == "final.pt")

@@ -107,6 +107,13 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
     assert "diverged at step 7: non-finite loss; retry 1/2: lower_lr, resuming from step 6" in out
     metrics = read_metrics(stage_dir / "metrics" / "v.json")  # numbers and notes (remedies) joined
     assert metrics["steps"] == 12 and metrics["recovery_retries"] == 1 and metrics["remedies"] == "lower_lr"
+    # the stability record: one event at iteration 7, in epoch 2 (4 iterations per epoch), per 1,000 of 12
+    assert metrics["status"] == "ok" and metrics["recovery"] == "on"
+    assert metrics["diverged"] == 1 and metrics["divergence_events"] == 1
+    assert metrics["events_per_1k_iters"] == pytest.approx(1000 / 12, abs=1e-3)
+    assert metrics["first_divergence_epoch"] == 2
+    assert metrics["divergence_log"] == [{"step": 7, "epoch": 2, "signal": "non_finite", "reason": "non-finite loss",
+                                          "remedy": "lower_lr"}]
     final = torch.load(stage_dir / "models" / "v" / "final.pt", weights_only=True)
     assert final["remedies"] == ["lower_lr"]
     assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
@@ -134,3 +141,68 @@ def test_when_retries_run_out_the_stage_stops_with_one_line_and_keeps_the_last_g
     assert not (stage_dir / "models" / "v").exists() and not (stage_dir / "metrics" / "v.json").exists()
     state, _ = CheckpointDir(stage_dir / "checkpoints" / "v").latest()
     assert state["step"] == 4 and np.isfinite(state["extra"]["steps_log"][-1]["loss"])
+
+
+def test_with_recovery_off_a_divergence_stops_the_run_and_every_later_stage_says_so(stage_dir, monkeypatch, capsys):
+    """recovery.enabled: false: the run stops at its first divergence, the stage succeeds, and sample,
+    evaluate, robustness, fid and the report mark it "diverged at epoch e" instead of failing."""
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["methods"]["jem_k20"]["recovery"] = {"enabled": False}
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    seen = inject_nan(monkeypatch, at_steps={7}, times=1)
+    monkeypatch.setattr(sys, "argv", ["train", "--variant", "jem_k20", "--seed", "1", "--data", "data/tiny",
+                                      "--gmm", "gmm/tiny", "--out", "models/tiny/jem_k20/seed1",
+                                      "--metrics", "metrics/tiny/train/jem_k20/seed1.json",
+                                      "--plots", "plots/tiny/train/jem_k20/seed1",
+                                      "--checkpoints", "checkpoints/tiny/jem_k20/seed1"])
+    assert run_stage() == 0 and seen == [7]
+    assert "diverged at step 7 (epoch 2): non-finite loss; recovery.enabled is false" in capsys.readouterr().out
+    model = stage_dir / "models" / "tiny" / "jem_k20" / "seed1"
+    assert sorted(p.name for p in model.iterdir()) == ["diverged.json"]  # no weights
+    metrics = read_metrics(stage_dir / "metrics" / "tiny" / "train" / "jem_k20" / "seed1.json")
+    assert metrics["status"] == "diverged" and metrics["diverged_at_epoch"] == 2 and metrics["diverged_at_step"] == 7
+    assert metrics["recovery"] == "off" and metrics["divergence_events"] == 1 and metrics["diverged"] == 1
+    assert metrics["first_divergence_epoch"] == 2 and metrics["events_per_1k_iters"] == pytest.approx(1000 / 7, 1e-3)
+    assert (stage_dir / "plots" / "tiny" / "train" / "jem_k20" / "seed1" / "curves.png").exists()
+
+    from stages import evaluate, fid, robustness, sample
+    from stages.common import main_guard
+
+    later = {
+        "sample": (sample.main, ["--model", str(model), "--gmm", "gmm/tiny", "--out", "samples/tiny/jem_k20/seed1"]),
+        "evaluate": (evaluate.main, ["--model", str(model), "--data", "data/tiny", "--metrics",
+                                     "metrics/tiny/eval/jem_k20/seed1.json",
+                                     "--plots", "plots/tiny/eval/jem_k20/seed1"]),
+        "robustness": (robustness.main, ["--model", str(model), "--data", "data/tiny", "--metrics",
+                                         "metrics/tiny/robustness/jem_k20/seed1.json",
+                                         "--plots", "plots/tiny/robustness/jem_k20/seed1"]),
+        "fid": (fid.main, ["score", "--samples", "samples/tiny/jem_k20/seed1", "--ref", "fid_ref/tiny",
+                           "--metrics", "metrics/tiny/fid/jem_k20/seed1.json"]),
+    }
+    for kind, (entry, argv) in later.items():
+        monkeypatch.setattr(sys, "argv", [kind, *argv])
+        main_guard(entry)
+        assert "jem_k20 seed 1: diverged at epoch 2 (iteration 7: non-finite loss" in capsys.readouterr().out, kind
+    for kind in ("eval", "robustness", "fid"):
+        m = read_metrics(stage_dir / "metrics" / "tiny" / kind / "jem_k20" / "seed1.json")
+        assert m["status"] == "diverged" and m["diverged_at_epoch"] == 2, kind
+    assert (stage_dir / "plots" / "tiny" / "eval" / "jem_k20" / "seed1" / "DIVERGED.md").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{stage_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id])
+    assert {r.info.run_name for r in runs if "dvc_stage" in r.data.tags} == {
+        f"{k}@jem_k20-1" for k in ("train", "sample", "evaluate", "robustness", "fid")}
+    assert all(r.info.status == "FINISHED" and r.data.tags["seed"] == "1" for r in runs if "dvc_stage" in r.data.tags)
+
+    from stages.report import Runs, build_table, stability_table
+
+    runs_ = Runs(stage_dir / "metrics" / "tiny", ["jem_k20"], [1])
+    spec = {"columns": ["accuracy", "fid"], "rows": [{"variant": "jem_k20", "label": "JEM", "accuracy": 92.9}]}
+    table = build_table(spec, runs_, "buffer", "tiny").data.set_index("variant")
+    assert table.loc["jem_k20", "accuracy ours"] == "diverged at epoch 2"
+    assert table.loc["jem_k20", "fid ours"] == "diverged at epoch 2"
+    stab = stability_table(runs_).set_index("variant").loc["jem_k20"]
+    assert stab["diverged / runs"] == "1 / 1" and stab["first divergence epoch"] == "2"
+    assert stab["outcome"] == "seed 1: diverged at epoch 2" and stab["recovery"] == "off"

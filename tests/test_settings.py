@@ -55,6 +55,12 @@ MALFORMED = [
     # a table names a method that is not defined
     (setitem("tables.sadajem_table1", ["sadajem_k5", "sadajem_k50"]), r"tables.sadajem_table1: 'sadajem_k50' is not defined \(did you mean 'sadajem_k5'\?\)"),
     (setitem("tables.demo", []), r"tables.demo = \[\]: expected a non-empty list of distinct method names"),
+    # seeds: a list of distinct integers, and the only place a training seed is set
+    (setitem("seeds", []), r"^seeds = \[\]: expected a non-empty list of integers >= 0"),
+    (setitem("seeds", [1, "2"]), r"^seeds = \[1, '2'\]: expected a non-empty list of integers >= 0"),
+    (setitem("seeds", [1, 1]), r"^seeds lists a seed twice: \[1, 1\]"),
+    (setitem("methods.sadajem_k5.train", {"seed": 3}), r"^methods.sadajem_k5.train.seed .*comes from the top-level `seeds`"),
+    (setitem("methods.jem_k20.recovery", {"enabled": "no"}), r"methods.jem_k20.recovery.enabled = 'no': expected true or false"),
     # unknown keys, with a "did you mean"
     (setitem("robustnes", {}), r"params.yaml.robustnes: unknown key \(did you mean 'robustness'\?\)"),
     (setitem("methods.sadajem_k5.sampler.stpes", 3), r"methods.sadajem_k5.sampler.stpes: unknown key \(did you mean 'steps'\?\)"),

@@ -38,16 +38,20 @@ def test_workers_and_their_devices():
         slots("cuda:0", 1, None)
 
 
-def test_only_picks_variants_by_name_or_array_index():
-    from stages.table import pick
+def test_only_picks_runs_by_variant_run_or_array_index():
+    from stages.table import pick, runs_of
 
     table = ["sadajem_k5", "softmax", "jem_k20"]
-    assert pick(table, ["2"]) == ["jem_k20"]
-    assert pick(table, ["softmax,0", "softmax"]) == ["softmax", "sadajem_k5"]
-    with pytest.raises(StageError, match=r"--only 3: the table has 3 variants \(indices 0-2\)"):
+    assert pick(table, ["2"]) == ["jem_k20-1"]
+    assert pick(table, ["softmax,0", "softmax"]) == ["softmax-1", "sadajem_k5-1"]
+    with pytest.raises(StageError, match=r"--only 3: the table has 3 runs \(3 variants x 1 seeds; indices 0-2"):
         pick(table, ["3"])
-    with pytest.raises(StageError, match=r"--only jem_k10: not a variant of this table"):
+    with pytest.raises(StageError, match=r"--only jem_k10: not a variant or run of this table"):
         pick(table, ["jem_k10"])
+    # two seeds: one array task per run, a variant name takes all its seeds
+    assert runs_of(table, [1, 2])[:3] == ["sadajem_k5-1", "sadajem_k5-2", "softmax-1"]
+    assert pick(table, ["3"], [1, 2]) == ["softmax-2"]
+    assert pick(table, ["jem_k20", "softmax-2"], [1, 2]) == ["jem_k20-1", "jem_k20-2", "softmax-2"]
 
 
 def test_the_tasks_of_one_slurm_array_share_their_table_run(monkeypatch):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A paper table on a SLURM cluster: one job computes the shared stages (data, GMM, FID reference
-# statistics), then one array task per variant trains and evaluates it on its own GPU, then one job
+# statistics), then one array task per run (variant x seed) trains and evaluates it on its own GPU, then one job
 # assembles the report. The jobs share results through the repository's default DVC remote and its
 # run cache: nothing one job computed is computed again by another.
 #
@@ -49,6 +49,6 @@ array=$(sbatch "${common[@]}" --job-name="jem-$table" --array="0-$((n - 1))" --g
     --dependency="afterok:$shared" "$@" "$job" "$repo" "$table" variant)
 report=$(sbatch "${common[@]}" --job-name="jem-$table-report" --dependency="afterok:$array" \
     "$@" "$job" "$repo" "$table" assemble)
-echo "submitted $run_id: shared stages job $shared, $n variants array $array (tasks 0-$((n - 1))), report job $report"
+echo "submitted $run_id: shared stages job $shared, $n runs array $array (tasks 0-$((n - 1))), report job $report"
 echo "a failed task: resubmit it alone (sbatch --array=<i> ... $job $repo $table variant), then the report job;" \
      "it resumes from its checkpoints"

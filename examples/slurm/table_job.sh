@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One job of examples/slurm/submit_table.sh: table_job.sh REPO TABLE shared|variant|assemble
 #   shared    the shared stages, pushed with their run cache
-#   variant   the table's variant number $SLURM_ARRAY_TASK_ID on the job's GPU (SLURM sets
+#   variant   the table's run number $SLURM_ARRAY_TASK_ID (stages.table --list) on the job's GPU (SLURM sets
 #             CUDA_VISIBLE_DEVICES), pulled and pushed through the run cache
 #   assemble  in REPO itself: pull every task's run cache, restore their stages, run the report
 # shared and variant work in a clone of REPO's commit kept under $JEM_WORK (default REPO/.slurm),

@@ -382,11 +382,11 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
                   "once per dataset, then each variant's sample, evaluate, fid and robustness "
                   "(`jem/bench/stage_times.py` `table_wall_time`). The data stages and the report, seconds "
                   "next to these, are not counted.", "",
-                  "| table | variants | 1 device | 2 | 4 | 8 | one per variant | longest variant |",
+                  "| table | runs (variants x seeds) | 1 device | 2 | 4 | 8 | one per run | longest variant |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for tab in r["tables"]:
             wall = tab["wall_s"]
-            n = len(tab["rows"])
+            n = int(tab.get("runs", len(tab["rows"])))  # variants x seeds
             longest = max(tab["rows"], key=lambda v: v["total_s"])
             lines.append(f"| {tab['title']} (`{tab['name']}`) | {n} | {hms(wall['1'])} | {hms(wall['2'])} | "
                          f"{hms(wall['4'])} | {hms(wall['8'])} | {hms(wall[str(n)])} ({n} devices) | "
@@ -623,6 +623,7 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         table_wall_time,
         total_seconds,
     )
+    from jem.config.params import selected_seeds
     from jem.config.settings import stage_section
 
     sections = {s: stage_section(params, s, scale) for s in ("sample", "evaluate", "fid", "robustness")}
@@ -662,10 +663,12 @@ def _stage_times(params: dict[str, Any], scale: str, device: torch.device, args:
         rows_ = [row(v) for v in members]
         roles = sorted({per_variant[v][0].dataset for v in members})
         refs = [reference_time(sizes[role], sections["fid"], role, units) for role in roles]
-        counts = sorted({1, 2, 4, 8, len(members)})
-        wall = {n: table_wall_time([r["train_s"] for r in rows_], [r["other_s"] for r in rows_],
+        n_seeds = len(selected_seeds(params))  # every variant runs once per seed: a run is one schedule item
+        counts = sorted({1, 2, 4, 8, len(members) * n_seeds})
+        wall = {n: table_wall_time([r["train_s"] for r in rows_ for _ in range(n_seeds)],
+                                   [r["other_s"] for r in rows_ for _ in range(n_seeds)],
                                    [t.seconds for t in refs], n) for n in counts}
-        out["tables"].append({"name": key, "title": title, "rows": rows_,
+        out["tables"].append({"name": key, "title": title, "rows": rows_, "runs": len(members) * n_seeds,
                               "fid_ref": [dataclasses.asdict(t) for t in refs],
                               "total_s": sum(r["total_s"] for r in rows_) + sum(t.seconds for t in refs),
                               "wall_s": {str(n): w for n, w in wall.items()}})

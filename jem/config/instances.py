@@ -20,7 +20,16 @@ import json
 from typing import Any
 
 from jem.config.errors import ConfigError
-from jem.config.params import dataset_spec, lookup, resolve_variant, scale_name, selected_variants
+from jem.config.params import (
+    dataset_spec,
+    lookup,
+    resolve_variant,
+    run_name,
+    scale_name,
+    selected_seeds,
+    selected_variants,
+    split_run,
+)
 from jem.config.settings import section
 from jem.config.variant import BufferConfig, ObjectiveConfig, SamplerConfig
 
@@ -47,7 +56,8 @@ def _method_family(params: dict[str, Any], variant: str) -> str:
 
 def instance_settings(params: dict[str, Any], kind: str, name: str = "", scale: str | None = None) -> dict[str, Any]:
     """The settings stage instance ``<kind>@<name>`` reads (``name``: a dataset role for
-    prepare and fid_ref, a variant for the per-variant stages, empty for the report)."""
+    prepare and fid_ref, a variant for the per-variant stages, a run ``<variant>/seed<seed>``
+    for train (a bare variant name: the first of ``seeds``), empty for the report)."""
     scale = scale_name(params, scale)
     if kind == "prepare":
         data = dataclasses.asdict(section(params, "data", scale))
@@ -60,7 +70,10 @@ def instance_settings(params: dict[str, Any], kind: str, name: str = "", scale: 
         return plain({"weights": fid.weights, "download": section(params, "data", scale).download,
                       "reference_splits": splits, "reference_max": fid.reference_max, "batch_size": fid.batch_size})
     if kind == "train":
+        name, seed = split_run(name)
         variant = resolve_variant(params, name, scale)
+        seed = selected_seeds(params)[0] if seed is None else seed
+        variant = dataclasses.replace(variant, train=dataclasses.replace(variant.train, seed=seed))
         if not variant.uses_sampler:
             # a classifier trained without p(x) builds no sampler and no replay buffer
             # (jem.method.train): their keys stay at the defaults, so editing them does not retrain it
@@ -83,7 +96,7 @@ def instance_settings(params: dict[str, Any], kind: str, name: str = "", scale: 
                       "protocol": str(_family_entry(fid.protocol, _method_family(params, name), "whole")),
                       "is_ratio": fid.is_ratio, "fid_ratio": fid.fid_ratio})
     if kind == "report":
-        return plain({"scale": scale, "variants": selected_variants(params),
+        return plain({"scale": scale, "variants": selected_variants(params), "seeds": selected_seeds(params),
                       "ood_sets": section(params, "evaluate", scale).ood_sets,
                       "fid_set": section(params, "fid", scale).sets[0],
                       "methods": sorted(params.get("methods", {}))})
@@ -100,7 +113,9 @@ def instances(params: dict[str, Any], scale: str | None = None) -> dict[tuple[st
         out["gmm", role] = instance_settings(params, "gmm", role, scale)
         out["fid_ref", role] = instance_settings(params, "fid_ref", role, scale)
     for variant in selected_variants(params):
-        for kind in PER_VARIANT:
+        for seed in selected_seeds(params):  # train: one instance per seed, the others read the seed's model
+            out["train", run_name(variant, seed)] = instance_settings(params, "train", run_name(variant, seed), scale)
+        for kind in PER_VARIANT[1:]:
             out[kind, variant] = instance_settings(params, kind, variant, scale)
     out["report", ""] = instance_settings(params, "report", "", scale)
     return out

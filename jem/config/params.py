@@ -69,6 +69,10 @@ def variant_dict(params: dict[str, Any], name: str, scale: str | None = None,
     merged = deep_merge(deep_merge(params.get("defaults", {}), base), method)
     merged = deep_merge(merged, (params["scales"][scale] or {}).get("variant") or {})
     merged["name"] = name
+    if "seed" in (method.get("train") or {}) or "seed" in (((params["scales"][scale] or {}).get("variant") or {})
+                                                           .get("train") or {}):
+        raise ConfigError(f"methods.{name}.train.seed (or scales.{scale}.variant.train.seed): the training seed "
+                          "comes from the top-level `seeds` list; remove the key and list the seeds there")
     role = merged.setdefault("dataset", "cifar10")
     if num_classes is None:  # 0: the caller does not need it
         spec = dataset_spec(params, role, scale)
@@ -84,6 +88,28 @@ def variant_dict(params: dict[str, Any], name: str, scale: str | None = None,
 def resolve_variant(params: dict[str, Any], name: str, scale: str | None = None,
                     num_classes: int | None = None) -> Variant:
     return Variant.from_dict(variant_dict(params, name, scale, num_classes), where=f"methods.{name}")
+
+
+def selected_seeds(params: dict[str, Any]) -> list[int]:
+    """The training seeds every variant runs with (``seeds``; one run per variant and seed)."""
+    seeds = params.get("seeds", [1])
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"seeds = {seeds!r}: expected a non-empty list of integers >= 0, e.g. [1, 2, 3]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds lists a seed twice: {seeds}")
+    return list(seeds)
+
+
+def run_name(variant: str, seed: int) -> str:
+    """One training run of a variant: ``<variant>/seed<seed>``, the folder its outputs go to."""
+    return f"{variant}/seed{seed}"
+
+
+def split_run(name: str) -> tuple[str, int | None]:
+    """``run_name``'s inverse; a bare variant name gives (name, None)."""
+    variant, sep, seed = name.partition("/seed")
+    return (variant, int(seed)) if sep and seed.isdigit() else (name, None)
 
 
 def selected_variants(params: dict[str, Any]) -> list[str]:

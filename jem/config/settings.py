@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jem.config.errors import ConfigError
-from jem.config.params import lookup, resolve_variant, scale_name, selected_variants, variant_dataset
+from jem.config.params import lookup, resolve_variant, scale_name, selected_seeds, selected_variants, variant_dataset
 from jem.config.variant import PERF_PRESETS, PerfConfig, SamplerConfig, Variant, _build, _check, deep_merge
 
 SELECT = ("last", "best_val")
@@ -290,7 +290,7 @@ SECTIONS: dict[str, type] = {
     "fid": FidSettings, "robustness": RobustnessSettings, "data": DataSettings, "gmm": GmmSettings,
 }
 SCALE_KEYS = ("variant", "sample", "evaluate", "fid", "robustness")
-TOP_LEVEL = ("scale", "variants", "tables", "scales", "defaults", "families", "methods", "datasets", *SECTIONS)
+TOP_LEVEL = ("scale", "variants", "seeds", "tables", "scales", "defaults", "families", "methods", "datasets", *SECTIONS)
 
 
 def _known(d: Any, allowed: tuple[str, ...] | list[str], where: str) -> dict[str, Any]:
@@ -378,6 +378,7 @@ def validate_params(params: Any) -> None:
             raise ConfigError(f"tables.{table} = {names!r}: expected a non-empty list of distinct method names")
         for n in names:
             lookup(params["methods"], str(n), f"tables.{table}")
+    selected_seeds(params)
     for name in selected_variants(params):
         role = variant_dataset(params, name, str(scale))
         lookup(params["datasets"], role, f"methods.{name}.dataset")

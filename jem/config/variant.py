@@ -288,8 +288,13 @@ class RecoveryConfig:
     ``more_steps`` multiplies the sampler's steps by ``steps_factor`` (what the JEM authors
     did by hand). After ``max_retries`` retries the run stops. None of this changes a run
     that does not diverge, so a checkpoint resumes whatever these settings are.
+
+    ``enabled: false`` measures stability as the papers did: the run stops at its first
+    divergence and is recorded as diverged at that epoch (its train stage succeeds; the stages
+    after it and the report say "diverged at epoch e"), instead of being rolled back.
     """
 
+    enabled: bool = True
     max_retries: int = 3
     remedies: list[str] = field(default_factory=lambda: list(REMEDIES))
     lr_factor: float = 0.5
@@ -298,6 +303,7 @@ class RecoveryConfig:
     saturation_limit: float = 0.98  # fraction of sample pixels at (or beyond) the [-1, 1] box edge
 
     def validate(self, where: str) -> None:
+        _check(isinstance(self.enabled, bool), where, "enabled", self.enabled, "true or false")
         _check(self.max_retries >= 0, where, "max_retries", self.max_retries, "an integer >= 0")
         _check(bool(self.remedies) and all(r in REMEDIES for r in self.remedies), where, "remedies",
                self.remedies, f"a non-empty list of {', '.join(REMEDIES)}")
