@@ -13,12 +13,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from stages.tracking import check_tracking
+
+if TYPE_CHECKING:  # imported where a device is picked: the settings and fingerprint stages start without it
+    import torch
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -46,6 +48,8 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -55,6 +59,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def setup_run(params: dict[str, Any]) -> torch.device:
+    import torch
+
     run = params.get("run", {})
     if run.get("threads"):
         torch.set_num_threads(int(run["threads"]))

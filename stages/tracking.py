@@ -20,12 +20,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from jem.config.errors import InputError
+
+if TYPE_CHECKING:  # imported where a model is logged: the cheap stages start without it
+    import torch
 
 
 class TrackingError(InputError):
@@ -262,6 +264,7 @@ class StageRun:
         exported graph (MLflow's safe ``pt2`` format, no pickled code), so ``mlflow.pytorch.load_model``
         needs no checkout."""
         import mlflow
+        import torch
         from mlflow.models import infer_signature
 
         with torch.no_grad():

@@ -14,6 +14,7 @@ from stages.common import StageError
 from stages.declared import Inputs, check_settings, inputs_path, settings_path, write_inputs, write_settings
 from stages.inputs import reads
 
+from .conftest import ROOT
 from .test_settings import PARAMS, edit, setitem
 from .test_stage_inputs import run_stage, snapshot
 
@@ -120,3 +121,32 @@ def test_each_instance_lists_its_own_role_and_ood_sets(tmp_path, monkeypatch):
     assert files("fid_ref", "cifar100") == {"data/demo/cifar100/meta.json", "data/demo/cifar100/train.npz",
                                             "data/demo/cifar100/val.npz"}
     assert inputs_path("demo", "fid", "x").as_posix() == "config/demo/inputs/fid/fid/x.json"
+
+
+def test_every_run_is_a_variant_and_a_seed_with_its_own_stage_names_paths_and_settings(tmp_path):
+    """dvc.yaml's matrix: `variants` x `seeds`, stages <kind>@<variant>-<seed>, outputs under
+    <variant>/seed<seed>/; train's settings (the seed) per run, the others' per variant."""
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    params = edit(lambda p: p.update(scale="tiny", variants=["softmax", "sadajem_k5"], seeds=[1, 2]))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=tmp_path, capture_output=True,
+                            text=True, check=True).stdout
+    stages = dict(line.split(None, 1) for line in listed.splitlines() if line.strip())
+    for kind in ("train", "sample", "evaluate", "fid", "robustness"):
+        assert {n for n in stages if n.startswith(f"{kind}@")} == {
+            f"{kind}@{v}-{s}" for v in ("softmax", "sadajem_k5") for s in (1, 2)}, kind
+    assert "models/tiny/sadajem_k5/seed2" in stages["train@sadajem_k5-2"]
+    assert "samples/tiny/softmax/seed1" in stages["sample@softmax-1"]
+    assert "metrics/tiny/eval/sadajem_k5/seed2.notes.json" in stages["evaluate@sadajem_k5-2"]
+
+    resolved = instances(params, "tiny")
+    assert {n for k, n in resolved if k == "train"} == {f"{v}/seed{s}" for v in ("softmax", "sadajem_k5")
+                                                         for s in (1, 2)}
+    assert resolved["train", "sadajem_k5/seed2"]["variant"]["train"]["seed"] == 2
+    assert {n for k, n in resolved if k == "evaluate"} == {"softmax", "sadajem_k5"}  # seed-independent

@@ -556,7 +556,7 @@ def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
 
     clone = tmp_path / "clone"
     run_ok(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
-    model = Path("models/tiny/sadajem_k5/final.pt")
+    model = Path("models/tiny/sadajem_k5/seed1/final.pt")
     assert not (clone / model).exists()  # git holds dvc.lock, not the outputs
     run_ok([*dvc, "pull"], clone, env)
     assert (clone / model).read_bytes() == (path / model).read_bytes()
@@ -567,7 +567,7 @@ def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
     # whoever can write to the remote can deny service, not substitute content: dvc.lock (in git) pins the
     # hash, and a tampered object is refused on download, never checked out
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["train@sadajem_k5-1"]
-    folder = next(o["md5"] for o in lock["outs"] if o["path"] == "models/tiny/sadajem_k5")
+    folder = next(o["md5"] for o in lock["outs"] if o["path"] == "models/tiny/sadajem_k5/seed1")
     manifest = json.loads((remote / "files" / "md5" / folder[:2] / folder[2:]).read_text())
     weights = next(e["md5"] for e in manifest if e["relpath"] == "final.pt")
     stored = remote / "files" / "md5" / weights[:2] / weights[2:]

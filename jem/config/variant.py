@@ -12,11 +12,12 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from jem.config.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: reading params (stage configure) needs none
+    import torch
 
 
 @dataclass
@@ -237,6 +238,8 @@ def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple
     torch.compile is not part of ``auto``: it has not been measured faster on a GPU yet; turn
     it on with an explicit ``run.perf`` mapping. ``safe``: fp32, eager, everything off.
     A mapping is taken as it is."""
+    import torch
+
     device = torch.device(device)
     if isinstance(setting, PerfConfig):
         return setting, f"explicit run.perf ({_describe(setting)})"
@@ -261,6 +264,8 @@ def resolve_perf(setting: PerfConfig | str, device: torch.device | str) -> tuple
 def _cuda_device(device: torch.device) -> tuple[str, bool]:
     """The GPU's name with its compute capability, and whether it runs bf16 natively (sm_80,
     Ampere, and later; ROCm devices do)."""
+    import torch
+
     props = torch.cuda.get_device_properties(device)
     native = bool(torch.version.hip) or props.major >= 8
     return f"{props.name} (sm_{props.major}{props.minor})", native
