@@ -113,7 +113,7 @@ def relaunch_under_torchrun(run: Any, variant: str) -> None:
     argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run.nproc}"]
     if run.nnodes > 1:
         argv += [f"--nnodes={run.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={run.rdzv_endpoint}",
-                 f"--rdzv_id={run.rdzv_id or f'jem-{variant}'}"]
+                 f"--rdzv_id={run.rdzv_id or f'jem-{variant}'}"]  # variant-seed: one rendezvous per run
     else:
         argv.insert(3, "--standalone")
     argv += ["-m", "stages.train", *sys.argv[1:]]
@@ -163,7 +163,7 @@ def main() -> None:
     run_settings = section(params, "run", scale_name(params))
     distributed.from_slurm()  # srun: torch's variables from SLURM's
     if (run_settings.nproc > 1 or run_settings.nnodes > 1) and "WORLD_SIZE" not in os.environ:
-        relaunch_under_torchrun(run_settings, args.variant)
+        relaunch_under_torchrun(run_settings, args.variant if args.seed is None else f"{args.variant}-{args.seed}")
     info, device = distributed.init(device)
     say = log if info.is_main else quiet
     name = args.variant
