@@ -125,6 +125,11 @@ def spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g} ({len(values)})"
 
 
+def _reasons(values: dict[int, float | str]) -> str:
+    """Why a side has no number: each seed's reason, once."""
+    return "; ".join(sorted({str(v) for v in values.values()})) or "no runs"
+
+
 def evaluate(claim: Claim, values: Values, ran: set[str]) -> dict[str, Any]:
     """One claim on the runs: its status, both sides' numbers and spread, and the seeds where it holds."""
     row: dict[str, Any] = {"id": claim.id, "claim": claim.claim, "source": claim.source,
@@ -138,11 +143,10 @@ def evaluate(claim: Claim, values: Values, ran: set[str]) -> dict[str, Any]:
     va, vb = values(claim.a.variant, claim.a.metric), values(claim.b.variant, claim.b.metric)
     na = [v for v in va.values() if isinstance(v, float) and math.isfinite(v)]
     nb = [v for v in vb.values() if isinstance(v, float) and math.isfinite(v)]
-    shown_a = spread(na) if na else "; ".join(sorted({str(v) for v in va.values()})) or "no runs"
-    shown_b = spread(nb) if nb else "; ".join(sorted({str(v) for v in vb.values()})) or "no runs"
+    shown_a = spread(na) if na else _reasons(va)
+    shown_b = spread(nb) if nb else _reasons(vb)
     if not na or not nb:
-        side = claim.a if not na else claim.b
-        reasons = "; ".join(sorted({str(v) for v in (va if not na else vb).values()})) or "no runs"
+        side, reasons = (claim.a, shown_a) if not na else (claim.b, shown_b)
         return {**row, "status": "not measured", "ours a": shown_a, "ours b": shown_b, "seeds holding": "",
                 "why": f"{side.variant} {side.metric}: {reasons}"}
 

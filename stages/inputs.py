@@ -84,9 +84,9 @@ def main() -> None:
     with building(args.out) as tmp:
         for kind in KINDS[args.group]:
             # train's settings are one file per seed (train/<variant>/seed<s>.yaml); its inputs one per variant
-            found = ((p, p.name) for p in sorted((args.settings / kind).iterdir()) if p.is_dir()) \
-                if kind == "train" else ((p, p.stem) for p in sorted((args.settings / kind).glob("*.yaml")))
-            for _, name in found:
+            names = ([p.name for p in sorted((args.settings / kind).iterdir()) if p.is_dir()] if kind == "train"
+                     else [p.stem for p in sorted((args.settings / kind).glob("*.yaml"))])
+            for name in names:
                 train = None if kind == "fid_ref" else load_train(name)
                 own = train if kind == "train" else load(kind, name)
                 write_inputs(tmp / kind / f"{name}.json", reads(kind, name, own, train, scale))

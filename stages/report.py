@@ -147,6 +147,11 @@ class Cell:
         texts = {str(v) for v in self.by_seed.values()}
         return texts.pop() if len(texts) == 1 else "; ".join(self.reasons)
 
+    def spread_columns(self, name: str, seeds: list[int]) -> dict[str, Any]:
+        """The CSV's columns beside ``name``'s value: its std, n and each seed's value."""
+        return {f"{name} std": self.std, f"{name} n": self.n,
+                **{f"{name} seed {s}": self.by_seed.get(s, "") for s in seeds}}
+
     def show(self, digits: int) -> str:
         if self.mean is None:
             return str(self.value())
@@ -295,10 +300,7 @@ def build_table(spec: dict[str, Any], runs: Runs, fid_set: str, scale: str = "pa
             cell = measured(col, row, runs, fid_set)
             published = row.get(col)
             rec[f"{col} ours"] = cell.value()
-            rec[f"{col} std"] = cell.std
-            rec[f"{col} n"] = cell.n
-            for s in runs.seeds:
-                rec[f"{col} seed {s}"] = cell.by_seed.get(s, "")
+            rec.update(cell.spread_columns(col, runs.seeds))
             rec[f"{col} paper"] = published
             show[f"{col} ours"] = cell.show(digits)
             show[f"{col} paper"] = _fmt(published, digits)
@@ -373,20 +375,25 @@ def robustness_table(runs: Runs) -> pd.DataFrame:
     return table.reindex(columns=["variant", *radii, "note"])
 
 
+def divergence_events(train: dict[str, Any]) -> int:
+    """A run's divergence events from its train metrics (written before the count existed: its retries)."""
+    return int(train.get("divergence_events", train.get("recovery_retries", 0)) or 0)
+
+
 def stability_table(runs: Runs) -> pd.DataFrame:
     """Per variant: how many of its runs diverged, how often per 1,000 iterations, and when first."""
     records = []
     for v in runs.variants:
         trains = {s: m for s in runs.seeds if (m := runs.get("train", v, s))}
-        events = sum(int(m.get("divergence_events", m.get("recovery_retries", 0)) or 0) for m in trains.values())
+        events = sum(divergence_events(m) for m in trains.values())
         steps = sum(int(m.get("steps", 0) or 0) for m in trains.values())
-        diverged = [s for s, m in trains.items() if m.get("divergence_events", m.get("recovery_retries", 0))]
+        diverged = [s for s, m in trains.items() if divergence_events(m)]
         firsts = [m["first_divergence_epoch"] for m in trains.values() if m.get("first_divergence_epoch") is not None]
         signals = Counter(e.get("signal", "?") for m in trains.values() for e in m.get("divergence_log") or [])
         stopped = [f"seed {s}: diverged at epoch {m['diverged_at_epoch']}" for s, m in trains.items()
                    if m.get("status") == "diverged"]
         recovered = [f"seed {s}: {m.get('remedies')}" for s, m in trains.items()
-                     if m.get("status", "ok") == "ok" and m.get("divergence_events", m.get("recovery_retries"))]
+                     if m.get("status", "ok") == "ok" and divergence_events(m)]
         recovery = sorted({str(m.get("recovery", "on")) for m in trains.values()})
         records.append({
             "variant": v, "runs": len(trains), "runs with a divergence": len(diverged),
@@ -408,7 +415,7 @@ def claim_values(runs: Runs, fid_set: str) -> Any:
         for s in runs.seeds:
             tr = runs.get("train", variant, s) or {}
             if metric == "diverged":
-                out[s] = float(bool(tr.get("divergence_events", tr.get("recovery_retries", 0)))) if tr else "not run"
+                out[s] = float(bool(divergence_events(tr))) if tr else "not run"
                 continue
             if metric == "divergence_events_per_1k":
                 value = tr.get("events_per_1k_iters")
@@ -539,9 +546,8 @@ def summary_table(runs: Runs, variants: list[str]) -> tuple[pd.DataFrame, pd.Dat
                 m = runs.get(stage, v, s) or {}
                 stopped = runs.diverged(v, s) if stage == "eval" else None
                 cell.by_seed[s] = stopped or (scale * float(m[key]) if m.get(key) is not None else "-")
-            rec[title], rec[f"{title} std"] = cell.value(), cell.std
-            for s in runs.seeds:
-                rec[f"{title} seed {s}"] = cell.by_seed[s]
+            rec[title] = cell.value()
+            rec.update(cell.spread_columns(title, runs.seeds))
             show[title] = cell.show(0 if key == "steps" else 2)
         data.append(rec)
         shown.append(show)

@@ -112,17 +112,18 @@ def runs_of(variants: list[str], seeds: list[int]) -> list[str]:
 def pick(variants: list[str], only: list[str], seeds: list[int] | None = None) -> list[str]:
     """The runs ``--only`` names: a variant (all its seeds), one run ``<variant>-<seed>``, or a 0-based
     index into ``runs_of`` (a SLURM array index: one task per run)."""
-    runs = runs_of(variants, seeds or [1])
+    seeds = seeds or [1]
+    runs = runs_of(variants, seeds)
     picked: list[str] = []
     for item in (x.strip() for entry in only for x in entry.split(",") if x.strip()):
         if item.isdigit():
             if int(item) >= len(runs):
                 raise StageError(f"--only {item}: the table has {len(runs)} runs "
-                                 f"({len(variants)} variants x {len(runs) // len(variants)} seeds; indices "
+                                 f"({len(variants)} variants x {len(seeds)} seeds; indices "
                                  f"0-{len(runs) - 1}, see --list)")
             chosen = [runs[int(item)]]
         elif item in variants:
-            chosen = [r for r in runs if r.rsplit("-", 1)[0] == item]
+            chosen = runs_of([item], seeds)
         elif item in runs:
             chosen = [item]
         else:

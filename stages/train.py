@@ -325,10 +325,7 @@ def main() -> None:
             if best_path.exists():
                 shutil.copyfile(best_path, tmp / "best_val.pt")
 
-        with building(args.plots) as tmp:
-            _write_csv(tmp / "steps.csv", steps_log, STEP_FIELDS)
-            _write_csv(tmp / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
-            plot_learning_curves(steps_log, val_log, tmp / "curves.png", title=f"train@{name}")
+        _write_curves(args.plots, steps_log, val_log, f"train@{name}")
         last = steps_log[-1] if steps_log else {}
         metrics = {
             "steps": trainer.step, "epochs": trainer.epoch, "train_seconds": round(seconds, 2),
@@ -357,12 +354,8 @@ def _write_diverged(args: argparse.Namespace, stopped: dict[str, Any], steps_log
     """The outputs of a run that stopped at a divergence (recovery off): no weights, the record."""
     with building(args.out) as tmp:
         write_json(tmp / "diverged.json", stopped)
-    with building(args.plots) as tmp:
-        _write_csv(tmp / "steps.csv", steps_log, STEP_FIELDS)
-        _write_csv(tmp / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
-        plot_learning_curves(steps_log, val_log, tmp / "curves.png",
-                             title=f"train@{stopped['variant']} seed {stopped['seed']}: diverged at epoch "
-                                   f"{stopped['epoch']}")
+    _write_curves(args.plots, steps_log, val_log,
+                  f"train@{stopped['variant']} seed {stopped['seed']}: diverged at epoch {stopped['epoch']}")
     write_metrics(args.metrics, {
         "status": "diverged", "seed": stopped["seed"], "recovery": "off", "steps": stopped["step"],
         "epochs": stopped["epoch"] - 1,
@@ -371,6 +364,15 @@ def _write_diverged(args: argparse.Namespace, stopped: dict[str, Any], steps_log
         "val_acc": val_log[-1]["val_acc"] if val_log else None, **record})
     run.log_metrics({"stability/divergence_events": record["divergence_events"]})
     run.log_artifact(args.plots)
+
+
+def _write_curves(plots: Path, steps_log: list[dict[str, float]], val_log: list[dict[str, float]],
+                  title: str) -> None:
+    """The learning curves (``steps.csv``, ``val.csv``, ``curves.png``) into the folder ``plots``."""
+    with building(plots) as tmp:
+        _write_csv(tmp / "steps.csv", steps_log, STEP_FIELDS)
+        _write_csv(tmp / "val.csv", val_log, ("epoch", "step", "val_acc", "val_ece"))
+        plot_learning_curves(steps_log, val_log, tmp / "curves.png", title=title)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], fields: tuple[str, ...]) -> None:

@@ -4,12 +4,12 @@ layout they run in (also fid's Inception network)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from jem.config.params import split_run
 from stages.common import StageError
 from stages.outputs import building, write_json, write_metrics
 from stages.tracking import mlflow_run
@@ -18,8 +18,8 @@ from stages.tracking import mlflow_run
 def run_of(model_dir: Path) -> tuple[str, int | None]:
     """The variant and seed of ``models/<scale>/<variant>/seed<seed>`` (seed None: a folder named
     after the variant alone, as a stage run by hand may give)."""
-    found = re.fullmatch(r"seed(\d+)", model_dir.name)
-    return (model_dir.parent.name, int(found.group(1))) if found else (model_dir.name, None)
+    variant, seed = split_run(f"{model_dir.parent.name}/{model_dir.name}")
+    return (variant, seed) if seed is not None else (model_dir.name, None)
 
 
 def stage_run(kind: str, variant: str, seed: int | None) -> str:

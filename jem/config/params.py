@@ -67,10 +67,10 @@ def variant_dict(params: dict[str, Any], name: str, scale: str | None = None,
         raise ConfigError(f"methods.{name}: missing 'family' (one of {', '.join(params.get('families', {}))})")
     base = lookup(params.get("families", {}), family, f"methods.{name}.family")
     merged = deep_merge(deep_merge(params.get("defaults", {}), base), method)
-    merged = deep_merge(merged, (params["scales"][scale] or {}).get("variant") or {})
+    scale_variant = (params["scales"][scale] or {}).get("variant") or {}
+    merged = deep_merge(merged, scale_variant)
     merged["name"] = name
-    if "seed" in (method.get("train") or {}) or "seed" in (((params["scales"][scale] or {}).get("variant") or {})
-                                                           .get("train") or {}):
+    if "seed" in (method.get("train") or {}) or "seed" in (scale_variant.get("train") or {}):
         raise ConfigError(f"methods.{name}.train.seed (or scales.{scale}.variant.train.seed): the training seed "
                           "comes from the top-level `seeds` list; remove the key and list the seeds there")
     role = merged.setdefault("dataset", "cifar10")
