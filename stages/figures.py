@@ -1,18 +1,35 @@
-"""Figures the stages write as PNG (matplotlib, no display needed)."""
+"""Figures the stages write as PNG (matplotlib, no display needed).
+
+matplotlib is imported by the functions that draw, and through its object API (``Figure``, drawn
+by Agg when saved) rather than pyplot: a stage that writes only image grids (prepare, gmm,
+sample) starts without it, and no stage picks or starts an interactive backend.
+"""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
 from PIL import Image
 
-matplotlib.use("Agg")
-import itertools
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-import matplotlib.pyplot as plt
+
+def _subplots(*grid: int, figsize: tuple[float, float], squeeze: bool = True) -> tuple[Figure, Any]:
+    """A figure of its own (no pyplot state to close) and its axes, as ``plt.subplots`` returns them."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, squeeze=squeeze)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1, zoom: int = 2) -> None:
@@ -33,7 +50,7 @@ def save_grid(images: np.ndarray, path: Path, nrow: int, pad: int = 1, zoom: int
 
 def plot_learning_curves(steps: list[dict[str, Any]], val: list[dict[str, Any]], path: Path, title: str) -> None:
     """Loss terms, energies, accuracies and learning rate against training step."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    fig, axes = _subplots(1, 4, figsize=(18, 3.8))
     x = [r["step"] for r in steps]
     for key in ("loss", "loss_clf", "loss_gen"):
         if steps and key in steps[0]:
@@ -59,10 +76,7 @@ def plot_learning_curves(steps: list[dict[str, Any]], val: list[dict[str, Any]],
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(bins: dict[str, Any], path: Path, title: str) -> None:
@@ -71,7 +85,7 @@ def plot_reliability(bins: dict[str, Any], path: Path, title: str) -> None:
     width = edges[1] - edges[0]
     centers = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
     acc = [a if a is not None else 0.0 for a in bins["bin_accuracy"]]
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = _subplots(figsize=(4.2, 4.2))
     ax.bar(centers, acc, width=width, edgecolor="black", alpha=0.8, label="accuracy")
     gap = [c - a if c is not None else 0.0 for c, a in zip(bins["bin_confidence"], acc, strict=True)]
     ax.bar(centers, gap, bottom=acc, width=width, color="red", alpha=0.3, label="gap to confidence")
@@ -82,10 +96,7 @@ def plot_reliability(bins: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}\nECE = {100 * bins['ece']:.2f}%")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 SCORE_TITLES = {"log_px": "log p(x)", "max_prob": "max p(y|x)", "grad_norm": "-||d log p(x)/dx||"}
@@ -95,7 +106,7 @@ def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], aurocs: dict[s
                         path: Path, title: str) -> None:
     """One panel per score: the in-distribution test set against every OOD set, AUROC in the legend."""
     names = list(SCORE_TITLES)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8))
+    fig, axes = _subplots(1, len(names), figsize=(5.2 * len(names), 3.8))
     for ax, score in zip(axes, names, strict=True):
         values = np.concatenate([v[score] for v in scores.values()])
         lo, hi = np.percentile(values, [0.5, 99.5]) if len(values) else (0.0, 1.0)
@@ -108,16 +119,13 @@ def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], aurocs: dict[s
         ax.set_xlabel("score (higher = more in-distribution)")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_landscape(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, shared_y: bool, title: str) -> None:
     """Energy landscapes: one axis for every variant (``shared_y``) or one panel per variant."""
     if shared_y or len(curves) == 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _subplots(figsize=(6, 4))
         for name, (alphas, curve) in curves.items():
             ax.plot(alphas, curve, "o-", ms=3, label=name)
         ax.set_xlabel("alpha (filter-normalised direction)")
@@ -129,7 +137,7 @@ def plot_landscape(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
         n = len(curves)
         cols = min(n, 4)
         rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        fig, axes = _subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
         for ax, (name, (alphas, curve)) in zip(axes.flat, curves.items(), strict=False):
             ax.plot(alphas, curve, "o-", ms=3)
             ax.set_title(name, fontsize=9)
@@ -138,10 +146,7 @@ def plot_landscape(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_robustness(curves: dict[str, dict[str, tuple[list[float], list[float]]]], path: Path, title: str) -> None:
@@ -150,7 +155,7 @@ def plot_robustness(curves: dict[str, dict[str, tuple[list[float], list[float]]]
     ``curves[attack][variant] = (radii, accuracies)``.
     """
     attacks = list(curves)
-    fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(5.2 * max(1, len(attacks)), 3.8), squeeze=False)
+    fig, axes = _subplots(1, max(1, len(attacks)), figsize=(5.2 * max(1, len(attacks)), 3.8), squeeze=False)
     for ax, attack in zip(axes.flat, attacks, strict=False):
         for name, (radii, acc) in curves[attack].items():
             ax.plot(radii, acc, "o-", ms=3, label=name)
@@ -161,7 +166,4 @@ def plot_robustness(curves: dict[str, dict[str, tuple[list[float], list[float]]]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

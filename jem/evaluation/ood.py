@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,5 +49,7 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """Area under the ROC curve separating in-distribution (positive) from OOD inputs."""
     if len(in_scores) == 0 or len(out_scores) == 0:
         raise ValueError("AUROC needs at least one in-distribution and one OOD score")
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn costs a second at start-up
+
     labels = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
     return float(roc_auc_score(labels, np.concatenate([in_scores, out_scores])))

@@ -21,10 +21,8 @@ papers, and an L2 radius is measured on [0, 1] images.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import eagerpy as ep
-import foolbox as fb
 import numpy as np
 import torch
 from torch import nn
@@ -32,6 +30,9 @@ from torch import nn
 from jem.config.variant import SamplerConfig, deep_merge
 from jem.data.batches import to_unit_range
 from jem.method.samplers import sample, without_bn_updates
+
+if TYPE_CHECKING:  # foolbox and eagerpy are imported where an attack is built: the stages start without them
+    import eagerpy as ep
 
 NORMS = ("linf", "l2")
 
@@ -129,6 +130,8 @@ def _any_iterate(attack_cls: type) -> Any:
             return super().__call__(*args, **kwargs)
 
         def run(self, model: Any, inputs: Any, criterion: Any, *, epsilon: float, **kwargs: Any) -> Any:
+            import eagerpy as ep
+
             self._seen: torch.Tensor | None = None
             out = super().run(model, inputs, criterion, epsilon=epsilon, **kwargs)
             n = len(inputs.raw if isinstance(inputs, ep.Tensor) else inputs)
@@ -136,6 +139,8 @@ def _any_iterate(attack_cls: type) -> Any:
             return out
 
         def get_loss_fn(self, model: Any, labels: ep.Tensor) -> Any:
+            import eagerpy as ep
+
             def loss_fn(inputs: ep.Tensor) -> ep.Tensor:
                 logits = model(inputs)
                 wrong = (logits.raw.detach().argmax(-1) != labels.raw).cpu()
@@ -155,6 +160,8 @@ def make_attack(norm: str, steps: int, rel_stepsize: float | None = None, eot: i
     ``abs_stepsize`` (pixel scale [0, 1]) overrides ``rel_stepsize``; ``track_iterates``
     records which images any iterate fooled (``attack.fooled``, one tensor per radius).
     """
+    import foolbox as fb
+
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     cls = fb.attacks.LinfPGD if norm == "linf" else fb.attacks.L2PGD
@@ -184,6 +191,8 @@ def pgd_examples(model: nn.Module, x01: torch.Tensor, labels: torch.Tensor, norm
     When ``fooled`` is a list, it receives per radius which images an iterate before the
     final one misclassified.
     """
+    import foolbox as fb
+
     device = x01.device
     fmodel = fb.PyTorchModel(UnitInterval(model).train(model.training), bounds=(0, 1), device=device)
     attack = make_attack(norm, steps, rel_stepsize, abs_stepsize=abs_stepsize, track_iterates=fooled is not None)
@@ -238,6 +247,8 @@ def bpda_eot_accuracy(model: nn.Module, sampler: SamplerConfig, images: torch.Te
     mode; batch norm during purification follows ``sampler.bn_mode`` (pass a sampler that
     leaves the running statistics alone: ``jem.method.samplers.without_bn_updates``).
     """
+    import foolbox as fb
+
     was_training = model.training
     model.eval()
     defended = Purified(model, sampler, chains=chains, input_noise=input_noise).eval()
