@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from stages.tracking import check_tracking
+from stages.tracking import check_tracking, mark, warm_up
 
 if TYPE_CHECKING:  # imported where a device is picked: the settings and fingerprint stages start without it
     import torch
@@ -29,14 +29,17 @@ class StageError(RuntimeError):
     """A problem the user can fix; printed as one line."""
 
 
-def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+def load_params(path: Path = PARAMS_FILE, tracking: bool = True) -> dict[str, Any]:
+    """The params file, checked whole, and the tracking store checked. A stage that logs an MLflow run
+    (``tracking``) is at its first line of work once this returns (``jem-bench --startup``), and MLflow
+    loads in the background meanwhile (``stages.tracking.warm_up``)."""
     try:
         params = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise StageError(f"{path} not found; run the stage from the repository root") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        at = getattr(exc, "problem_mark", None)
+        where = f" line {at.line + 1}" if at is not None else ""
         raise StageError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(params, dict):
         raise StageError(f"{path}: expected a mapping at the top level")
@@ -44,6 +47,9 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
     validate_params(params)  # the whole file, before any stage touches its outputs
     check_tracking(params)  # a tracking server that does not answer stops the stage here, too
+    if tracking:
+        warm_up(params)
+        mark("work")
     return params
 
 
@@ -73,6 +79,7 @@ def setup_run(params: dict[str, Any]) -> torch.device:
 def main_guard(fn: Callable[[], None], exit_codes: dict[type[BaseException], int] | None = None) -> None:
     """Run a stage; a user-fixable error becomes one line on stderr and exit status 2
     (``exit_codes`` adds other one-line failures with their own status)."""
+    mark("main")  # the entry point's imports are done (jem-bench --startup)
     from jem.config.errors import InputError  # DatasetUnavailable, ConfigError, TrackingError are ones
 
     codes: dict[type[BaseException], int] = {StageError: 2, InputError: 2,

@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="config/<scale>/settings")
     args = ap.parse_args()
-    params = load_params()  # validates the whole file: an unknown scale or variant is one line, exit 2
+    params = load_params(tracking=False)  # validates the whole file: an unknown scale or variant is one line, exit 2
     resolved = instances(params)
     with building(args.out) as tmp:
         for (kind, name), settings in resolved.items():

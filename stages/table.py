@@ -196,7 +196,7 @@ def main() -> None:
     if args.per_device < 1 or (args.workers is not None and args.workers < 1) or args.threads < 0:
         raise StageError("--per-device and --workers take an integer >= 1, --threads one >= 0")
 
-    params = load_params()
+    params = load_params(tracking=False)
     tables = params.get("tables") or {}
     if args.list:  # before anything is written: a job script counts the array tasks with it
         listed = tables.get(args.table) if args.table is not None else params["variants"]
@@ -212,7 +212,7 @@ def main() -> None:
                              f"{', '.join(sorted(tables)) or 'none'}")
         if list(params["variants"]) != list(tables[args.table]):
             set_variants(Path("params.yaml"), list(tables[args.table]))
-            params = load_params()
+            params = load_params(tracking=False)
     variants = list(params["variants"])
     seeds = selected_seeds(params)
     mine = [] if args.shared else pick(variants, args.only, seeds) if args.only else runs_of(variants, seeds)

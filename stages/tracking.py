@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,103 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# ---- start-up ------------------------------------------------------------------------------
+# A stage process's time from its start (interpreter, imports) to "main" (the entry point's function
+# is called), to "work" (params.yaml read and checked, the tracking store answered: what follows is
+# the stage's own work, while MLflow loads in the background), to "run" (its MLflow run is open), and
+# its whole life ("exit"). Every run logs its start-up ("work") as the metric ``startup_seconds``;
+# with JEM_TIMING_LOG=<file> each process also appends one JSON line of them all at exit, which
+# ``jem-bench --startup`` tabulates per stage.
+TIMING_LOG = "JEM_TIMING_LOG"
+_timing: dict[str, Any] = {}
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started, by the operating system's record of its start (so the
+    interpreter's own start-up and every import count); None where the system does not say."""
+    try:
+        with open("/proc/self/stat") as fh:  # Linux: start time in clock ticks after boot (field 22)
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:
+        return None
+
+
+def mark(event: str, stage: str | None = None) -> float | None:
+    """Record that this process reached ``event`` ("main", "work" or "run") now; returns its seconds
+    since the process started. The first mark registers the JEM_TIMING_LOG line written at exit."""
+    seconds = process_seconds()
+    if stage:
+        _timing["stage"] = stage
+    _timing.setdefault(f"{event}_s", seconds)
+    if os.environ.get(TIMING_LOG) and not _timing.get("registered"):
+        import atexit
+
+        _timing["registered"] = True
+        atexit.register(_write_timing)
+    return seconds
+
+
+def _write_timing() -> None:
+    path = os.environ.get(TIMING_LOG)
+    if not path:
+        return
+    import sys
+
+    record = {"stage": _timing.get("stage") or Path(sys.argv[0]).stem, "kind": Path(sys.argv[0]).stem,
+              "main_s": _timing.get("main_s"), "work_s": _timing.get("work_s", _timing.get("main_s")),
+              "run_s": _timing.get("run_s"), "exit_s": process_seconds(), "pid": os.getpid()}
+    with contextlib.suppress(OSError), open(path, "a") as fh:  # one short line: appends do not interleave
+        fh.write(json.dumps(record) + "\n")
+
+
 # ---- MLflow -------------------------------------------------------------------------------
+_warming: threading.Thread | None = None
+
+
+def _quiet_mlflow() -> None:
+    import logging
+
+    for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every first run
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def warm_up(params: dict[str, Any]) -> None:
+    """Import MLflow and open the tracking store (for mlflow.db: its engine and schema check, under
+    the tracking lock) in a background thread, about two seconds of mostly single-threaded Python that
+    the stage's own first work (reading data, building models: much of it outside the GIL) runs
+    beside; ``mlflow_run`` waits for it. Any failure is left to ``mlflow_run``, which reports it in
+    one line where the run opens. Not a daemon: the process exits after it, never in the middle of
+    an import."""
+    global _warming
+    if _warming is not None:
+        return
+    root = tracking_root()
+    uri, _ = tracking_uri(root, params)
+    name = f"jem-{params.get('scale', 'demo')}"
+
+    def load() -> None:
+        try:
+            from filelock import FileLock
+            from mlflow.tracking import MlflowClient
+
+            _quiet_mlflow()  # mlflow's import sets its own logger to INFO
+            if uri.startswith("sqlite:"):  # a server's client is cheap; a database's store is not
+                with FileLock(str(root / ".mlflow.lock")):
+                    MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+        except Exception:
+            pass
+
+    _warming = threading.Thread(target=load, name="mlflow-warm-up")
+    _warming.start()
 # The experiment opens in the MLflow UI's runs table ("Model training"), not the GenAI view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Stages that run long enough for CPU/GPU/memory curves (MLflow's system metrics, via psutil
@@ -312,14 +409,13 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     if not main:
         yield NullRun()
         return
-    import logging
-
+    if _warming is not None:
+        _warming.join()
     import mlflow
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
-    for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every first run
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_mlflow()
     root = tracking_root()
     uri, _ = tracking_uri(root, params)
     if uri.startswith("sqlite:"):
@@ -356,6 +452,10 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
                               tags={k: str(v) for k, v in all_tags.items()},
                               log_system_metrics=kind in SYSTEM_METRICS_STAGES and _system_metrics_available())
     handle = StageRun(client, active.info.run_id)
+    mark("run", stage)
+    startup = _timing.get("work_s")
+    if startup is not None:
+        handle.log_metrics({"startup_seconds": startup})
     try:
         yield handle
     except BaseException as exc:

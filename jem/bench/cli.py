@@ -6,6 +6,7 @@
     jem-bench --json bench.json                 # also write the figures as JSON
     jem-bench --compare --fid 50000 --report reports/performance.md   # and the FID stage's work
     jem-bench --compare --stages --report reports/performance.md   # and every stage's wall time
+    jem-bench --startup                         # every stage's start-up, from a tiny-scale dvc repro
 
 Variants come from ``params.yaml`` (``--params``) at the chosen scale (``--scale``: ``paper``
 on CUDA, ``demo`` on CPU unless given); ``--depth``, ``--width`` and ``--batch`` override the
@@ -22,6 +23,10 @@ the *reference* loop (the published scripts' iteration, ``jem.method.reference``
 reference code runs) and the *fast* paths (``run.perf: auto``: bf16 autocast on CUDA,
 channels_last, buffer and data on the device, fused optimizer; ``--compile on`` adds
 torch.compile), and prints the ratios.
+
+``--startup`` tabulates each stage's start-up (imports, process start to its first line of work) from
+a real ``dvc repro`` (``jem.bench.startup``): ``--scale`` tiny (default) or demo, in a scratch copy of
+this checkout, or a run of your own (``--timing-log``).
 
 ``--stages`` projects the wall time of every stage (train per epoch and in all, sample,
 evaluate, fid, robustness) of the first ``--variant`` (default sadajem_k5) at the scale's
@@ -468,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file with the method blocks")
     ap.add_argument("--variant", action="append", help=f"method name (repeatable); default {DEFAULT_VARIANTS}")
-    ap.add_argument("--scale", choices=("demo", "paper"), help="default: paper on CUDA, demo on CPU")
+    ap.add_argument("--scale", choices=("tiny", "demo", "paper"),
+                    help="default: paper on CUDA, demo on CPU; with --startup: tiny")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--depth", type=int, help="WRN depth (overrides the scale's)")
     ap.add_argument("--width", type=int, help="WRN width (overrides the scale's)")
@@ -494,7 +500,34 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --stages: also project this table on 1 and N devices (a name under `tables` in "
                     "params.yaml or in --published; 'all': every table in params.yaml; 'none': skip)")
     ap.add_argument("--published", type=Path, default=Path("reports/published.yaml"), help="for --table")
+    ap.add_argument("--startup", action="store_true",
+                    help="each stage's start-up (imports, process start to its first line of work) from a dvc repro "
+                    "at --scale (tiny or demo) in a scratch copy of this checkout")
+    ap.add_argument("--timing-log", type=Path,
+                    help="with --startup: tabulate this JEM_TIMING_LOG of a run you made instead")
+    ap.add_argument("--keep", type=Path, help="with --startup: build the scratch copy here and keep it")
     args = ap.parse_args(argv)
+
+    if args.startup or args.timing_log:
+        from jem.bench.startup import run
+
+        scale = args.scale or "tiny"
+        if scale == "paper":
+            print("error: --startup runs a whole dvc repro; use --scale tiny or demo (the paper scale trains for "
+                  "days)", file=sys.stderr)
+            return 2
+        if args.timing_log is not None and not args.timing_log.is_file():
+            print(f"error: --timing-log {args.timing_log}: no such file (JEM_TIMING_LOG=<file> dvc repro writes it)",
+                  file=sys.stderr)
+            return 2
+        try:
+            return run(scale, args.timing_log, Path.cwd(), args.keep)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.scale == "tiny":
+        print("error: --scale tiny is for --startup; the training benchmark runs at demo or paper", file=sys.stderr)
+        return 2
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
