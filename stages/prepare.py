@@ -48,16 +48,18 @@ def make_splits(spec: dict, root: Path, download: bool) -> dict[str, tuple[np.nd
     source, seed = spec["source"], int(spec.get("seed", 0))
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     classes = spec.get("num_classes")
+    size = int(spec.get("image_size", 32))  # procedural sets only; the real ones are read at 32
     if source in ("shapes", "glyphs"):
         n_pool = int(spec.get("train", 0)) + int(spec.get("val", 0))
         if n_pool:
-            x, y = make_shapes(n_pool, num_classes=classes or 10, seed=seed, family=source)
+            x, y = make_shapes(n_pool, size, num_classes=classes or 10, seed=seed, family=source)
             splits["train"] = (x.numpy(), y.numpy())
-        x, y = make_shapes(int(spec["test"]), num_classes=classes or 10, seed=seed + TEST_SEED_OFFSET, family=source)
+        x, y = make_shapes(int(spec["test"]), size, num_classes=classes or 10, seed=seed + TEST_SEED_OFFSET,
+                           family=source)
         splits["test"] = (x.numpy(), y.numpy())
     elif source in ("clouds", "gratings"):
         make = make_clouds if source == "clouds" else make_gratings
-        x = make(int(spec["test"]), seed=seed + TEST_SEED_OFFSET).numpy()
+        x = make(int(spec["test"]), size, seed=seed + TEST_SEED_OFFSET).numpy()
         splits["test"] = (x, np.zeros(len(x), dtype=np.int64))
     elif source in TORCHVISION_DATASETS:
         if classes:

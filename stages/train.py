@@ -177,6 +177,11 @@ def main() -> None:
     if int(meta["num_classes"]) != variant.model.num_classes:
         raise StageError(f"{args.data / role} has {meta['num_classes']} classes, datasets.{role}.<scale>.num_classes "
                          f"says {variant.model.num_classes}; correct params.yaml")
+    shape = [variant.model.in_channels, variant.model.image_size, variant.model.image_size]
+    if meta.get("image_shape", shape) != shape:
+        raise StageError(f"{args.data / role} holds {'x'.join(map(str, meta['image_shape']))} images, the model "
+                         f"takes {'x'.join(map(str, shape))} (model.image_size); give datasets.{role}.<scale>."
+                         "image_size the model's size and rerun dvc repro")
     x, y = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "train.npz")))
     val = None
     if (args.data / role / "val.npz").exists():

@@ -259,8 +259,15 @@ class DatasetSpec:
     interp: int = 0  # pairs averaged into the Interp OOD set (0 = none)
     seed: int = 0
     crop: str = "center"  # CelebA: centre square (center) or the reference's aspect-keeping Resize(32) (none)
+    image_size: int = 32  # procedural sources: side of the square images; the real datasets are read at 32
 
     def validate(self, where: str) -> None:
+        if self.source in SOURCES_PROCEDURAL:
+            _check(self.image_size >= 8 and self.image_size % 4 == 0, where, "image_size", self.image_size,
+                   "a multiple of 4, at least 8")
+        else:
+            _check(self.image_size == 32, where, "image_size", self.image_size,
+                   f"32: the {self.source} loader reads its images at 32x32")
         _check(self.source in SOURCES_PROCEDURAL + SOURCES_REAL, where, "source", self.source,
                f"one of {', '.join(SOURCES_PROCEDURAL + SOURCES_REAL)}")
         _check(self.num_classes is None or self.num_classes >= 2, where, "num_classes", self.num_classes,
@@ -386,7 +393,15 @@ def validate_params(params: Any) -> None:
             labelled = [r for r in roles if (params["datasets"][r].get(scale) or {}).get("num_classes")]
             raise ConfigError(f"methods.{name}.dataset = {role!r}: datasets.{role}.{scale} has no num_classes; "
                               f"a variant trains on a labelled dataset ({', '.join(labelled)})")
-        _coherent(resolve_variant(params, name, str(scale)), f"methods.{name}")
+        variant = resolve_variant(params, name, str(scale))
+        _coherent(variant, f"methods.{name}")
+        for other in [role, *(r for r in evaluate.ood_sets if r != "interp")]:  # what the network is shown
+            size = int(params["datasets"][other][scale].get("image_size", 32))
+            if size != variant.model.image_size:
+                raise ConfigError(f"datasets.{other}.{scale}.image_size = {size}: methods.{name} trains "
+                                  f"{variant.model.image_size}x{variant.model.image_size} images "
+                                  f"(model.image_size at scale {scale}); give every dataset role of a scale "
+                                  "the size of its models")
 
 
 def _coherent(v: Variant, where: str) -> None:
