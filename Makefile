@@ -21,8 +21,12 @@ lint: install
 	$(BIN)/ruff check jem stages tests
 	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
 
+# Two pytest-xdist workers: the tests that need the shared tiny pipeline (tests/conftest.py) wait for it
+# while the others run. TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: install
 	$(BIN)/jem-bench

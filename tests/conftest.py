@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from jem.config.variant import Variant, deep_merge
 
@@ -77,6 +80,117 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+# ---- the tiny pipeline, built once per test run ---------------------------------------------------
+# One real `dvc repro` at the tiny scale (a softmax baseline and a generative variant: one of each
+# path through the stages), committed; every end-to-end test starts from its own copy of it
+# (`tiny_workspace`) instead of building a DAG of its own. It is built in a background thread from the
+# session's first test on, while the tests that do not need it run (they are ordered first), and once
+# for all pytest-xdist workers (a file lock in their shared temporary folder).
+TINY_VARIANTS = ("softmax", "sadajem_k5")
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    path: Path  # the built workspace: read it, never write it (copy it with copy_workspace)
+    log: str  # what its `dvc repro` printed
+    env: dict[str, str]
+
+
+def build_tiny_pipeline(home: Path) -> TinyPipeline:
+    """The tiny-scale workspace after `dvc repro` and `git commit` under ``home``/repo: dvc.lock, the DVC
+    cache and run cache, mlflow.db and mlartifacts, as a user's checkout has them after a run. Built
+    once: a second call (another xdist worker) waits for the first and reads what it built."""
+    from filelock import FileLock
+
+    root, built, env = home / "repo", home / "built.log", stage_env()
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / "build.lock")):
+        if not built.exists():
+            if root.exists():  # a build that failed half-way
+                shutil.rmtree(root)
+            root.mkdir()
+            copy_repo(root)
+            params = yaml.safe_load((root / "params.yaml").read_text())
+            params.update(scale="tiny", variants=list(TINY_VARIANTS))
+            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+                run_ok(cmd, root, env)
+            log = run_ok([sys.executable, "-m", "dvc", "repro"], root, env)
+            for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "results"]):
+                run_ok(cmd, root, env)
+            built.write_text(log)
+    return TinyPipeline(root, built.read_text(), env)
+
+
+class _Build(threading.Thread):
+    def __init__(self, home: Path) -> None:
+        super().__init__(name="tiny-pipeline", daemon=True)
+        self.home, self.result, self.error = home, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = build_tiny_pipeline(self.home)
+        except BaseException as e:  # handed to the tests that need the pipeline
+            self.error = e
+
+
+_build: _Build | None = None
+
+
+def _tiny_home(factory: pytest.TempPathFactory) -> Path:
+    base = factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-pipeline"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need the tiny pipeline run last (the longest first), so that it is built while
+    the others run."""
+    def needs(item: pytest.Item) -> bool:
+        return "tiny_pipeline" in getattr(item, "fixturenames", ())
+
+    items.sort(key=needs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_tiny_pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    global _build
+    if _build is None and any("tiny_pipeline" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        _build = _Build(_tiny_home(tmp_path_factory))
+        _build.start()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
+    """The tiny pipeline built once per test run (see build_tiny_pipeline)."""
+    if _build is None:
+        return build_tiny_pipeline(_tiny_home(tmp_path_factory))
+    _build.join()
+    if _build.error is not None:
+        raise _build.error
+    return _build.result
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A private copy of a built workspace. Read-only files (DVC's cache objects, the outputs DVC
+    links to them, git's objects) are hard-linked: DVC and the stages replace such a file, never
+    write into it. Everything else (sources, params, dvc.lock, mlflow.db, .git's refs) is copied."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        if os.stat(s).st_mode & 0o222:
+            shutil.copy2(s, d)
+        else:
+            os.link(s, d)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_or_copy)
+    return dest
+
+
+@pytest.fixture
+def tiny_workspace(tiny_pipeline: TinyPipeline, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """This test's own copy of the built tiny pipeline, and the environment its stages run in."""
+    return copy_workspace(tiny_pipeline.path, tmp_path / "repo"), dict(tiny_pipeline.env)
+
+
 def stage_env() -> dict[str, str]:
     """Environment for stage subprocesses: this interpreter's bin first on PATH, no DVC_ROOT."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -94,18 +208,21 @@ def run_ok(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return out
 
 
-def write_prepared_shapes(data: Path, n: int, train: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prepared CIFAR-10 stand-in as the prepare stage writes it: ``train`` shapes for training,
-    the other ``n - train`` for validation, and meta.json. Returns all the images and labels."""
+def write_prepared_shapes(data: Path, n: int, train: int = 64,
+                          image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared CIFAR-10 stand-in as the prepare stage writes it at the tiny scale (16x16): ``train``
+    shapes for training, the other ``n - train`` for validation, and meta.json. Returns all the images
+    and labels."""
     import json
 
     from jem.data.datasets import save_split
     from jem.data.synthetic import make_shapes
 
-    x, y = make_shapes(n, seed=0)
+    x, y = make_shapes(n, image_size, seed=0)
     save_split(data / "train.npz", x[:train].numpy(), y[:train].numpy())
     save_split(data / "val.npz", x[train:].numpy(), y[train:].numpy())
-    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10}))
+    (data / "meta.json").write_text(json.dumps({"role": "cifar10", "source": "shapes", "num_classes": 10,
+                                                "image_shape": list(x.shape[1:])}))
     return x, y
 
 

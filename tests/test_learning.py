@@ -45,7 +45,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_learns_and_its_samples_lower_their_energy(family):
     x, y = prototype_task(512, seed=0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One job of examples/slurm/submit_table.sh: table_job.sh REPO TABLE shared|variant|assemble
-#   shared    the shared stages, pushed with their run cache
+#   shared    the shared stages, pushed with their run cache (pulled first: what an earlier table pushed is
+#             restored, not computed again)
 #   variant   the table's run number $SLURM_ARRAY_TASK_ID (stages.table --list) on the job's GPU (SLURM sets
 #             CUDA_VISIBLE_DEVICES), pulled and pushed through the run cache
 #   assemble  in REPO itself: pull every task's run cache, restore their stages, run the report
@@ -18,7 +19,7 @@ case $mode in
         cd "$repo"
         exec "$python" -m stages.table "$table" --workers 1 --pull "${run_id[@]}" ;;
     shared)
-        name=shared args=(--shared --push) ;;
+        name=shared args=(--shared --pull --push) ;;
     variant)
         name=${SLURM_ARRAY_TASK_ID:?"variant jobs run as an array: sbatch --array=..."}
         args=(--only "$name" --pull --push) ;;
