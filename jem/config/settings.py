@@ -349,9 +349,11 @@ def validate_params(params: Any) -> None:
     for name, block in params["scales"].items():
         _known(block or {}, SCALE_KEYS, f"scales.{name}")
     roles = list(params["datasets"])
+    specs: dict[tuple[str, str], DatasetSpec] = {}
     for role, by_scale in params["datasets"].items():
         for s, spec in _known(by_scale, list(params["scales"]), f"datasets.{role}").items():
-            _build(DatasetSpec, spec, f"datasets.{role}.{s}").validate(f"datasets.{role}.{s}")
+            specs[role, s] = _build(DatasetSpec, spec, f"datasets.{role}.{s}")
+            specs[role, s].validate(f"datasets.{role}.{s}")
         lookup(by_scale, str(scale), f"datasets.{role}")
     for s in params["scales"]:  # every scale's stage overrides are well-formed
         for name in ("sample", "evaluate", "fid", "robustness"):
@@ -396,7 +398,7 @@ def validate_params(params: Any) -> None:
         variant = resolve_variant(params, name, str(scale))
         _coherent(variant, f"methods.{name}")
         for other in [role, *(r for r in evaluate.ood_sets if r != "interp")]:  # what the network is shown
-            size = int(params["datasets"][other][scale].get("image_size", 32))
+            size = specs[other, scale].image_size
             if size != variant.model.image_size:
                 raise ConfigError(f"datasets.{other}.{scale}.image_size = {size}: methods.{name} trains "
                                   f"{variant.model.image_size}x{variant.model.image_size} images "
