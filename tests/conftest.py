@@ -22,7 +22,11 @@ import yaml
 
 from jem.config.variant import Variant, deep_merge
 
-torch.set_num_threads(2)
+# Two cores: one torch thread per process when pytest-xdist runs two workers beside the shared
+# pipeline's stage processes (two OpenMP threads each spin-wait for a core held by another process: a
+# test of 0.6 s alone took 88 s so), both for the serial run.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -143,12 +147,14 @@ def _tiny_home(factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that need the tiny pipeline run last (the longest first), so that it is built while
-    the others run."""
-    def needs(item: pytest.Item) -> bool:
-        return "tiny_pipeline" in getattr(item, "fixturenames", ())
+    """The tests that need the tiny pipeline run last, so that it is built while the others run; among
+    them, and among the others, the costliest first (``@pytest.mark.e2e(cost=N)``, default 0), so that
+    no long test starts when the other worker has nothing left to run."""
+    def key(item: pytest.Item) -> tuple[bool, int]:
+        marker = item.get_closest_marker("e2e")
+        return "tiny_pipeline" in getattr(item, "fixturenames", ()), -(marker.kwargs.get("cost", 0) if marker else 0)
 
-    items.sort(key=needs)
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -157,6 +163,11 @@ def _start_tiny_pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytes
     if _build is None and any("tiny_pipeline" in getattr(i, "fixturenames", ()) for i in request.session.items):
         _build = _Build(_tiny_home(tmp_path_factory))
         _build.start()
+        # The tests that need the pipeline wait for it: its stage processes go first. On Linux a nice value
+        # is a thread's, and what a thread starts inherits it: the tests (this thread) and the processes they
+        # start yield to the build (its thread, started above), not the other way round.
+        with contextlib.suppress(OSError):
+            os.nice(5)
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +209,7 @@ def stage_env() -> dict[str, str]:
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("DVC_ROOT", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # each test says where its stages log
+    env["OMP_NUM_THREADS"] = str(THREADS)  # torch's default thread count in the stages (run.threads: 0)
     return env
 
 

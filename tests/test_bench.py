@@ -149,8 +149,15 @@ def test_stage_times_measured_on_this_machine(tmp_path):
 
     published = tmp_path / "published.yaml"
     published.write_text("t1:\n  title: Table X\n  rows:\n    - {variant: sadajem_k5}\n    - {variant: softmax}\n")
+    import yaml
+
+    params = yaml.safe_load(Path(PARAMS).read_text())  # the demo scale, timed on small batches
+    params["evaluate"]["batch_size"], params["robustness"]["batch_size"] = 32, 16
+    params["scales"]["demo"]["robustness"]["bpda"]["images"] = 4
+    small = tmp_path / "params.yaml"
+    small.write_text(yaml.safe_dump(params, sort_keys=False))
     out = tmp_path / "bench.json"
-    rc = main(["--params", PARAMS, "--variant", "sadajem_k5", "--device", "cpu", "--batch", "8", "--steps", "1",
+    rc = main(["--params", str(small), "--variant", "sadajem_k5", "--device", "cpu", "--batch", "8", "--steps", "1",
                "--warmup", "0", "--skip-train", "--fid", "4", "--fid-batch", "4", "--stages", "--table", "t1",
                "--published", str(published), "--json", str(out)])
     assert rc == 0

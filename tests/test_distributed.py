@@ -99,7 +99,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         torch.testing.assert_close(b[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=50)
 def test_two_processes_reproduce_one_and_resume_on_another_number(workdir: Path):
     out = _train(workdir, "single", nproc=1)
     assert "data parallel" not in out
@@ -132,7 +132,7 @@ def test_two_processes_reproduce_one_and_resume_on_another_number(workdir: Path)
     assert sorted(r.data.tags["processes"] for r in stage_runs) == ["1", "1", "2"], "one MLflow run per stage run"
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=20)
 def test_sadajem_with_batch_norm_and_informative_init_trains_on_two_processes(workdir: Path):
     """Batch norm (per-process statistics, rank 0's running statistics broadcast), SAM with its
     statistics frozen in the second pass, mixture-initialised buffer shards."""
@@ -143,7 +143,7 @@ def test_sadajem_with_batch_norm_and_informative_init_trains_on_two_processes(wo
     assert json.loads((workdir / "metrics" / "sada.json").read_text())["steps"] == 8
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=25)
 def test_two_node_torchrun_over_c10d_matches_one_process(workdir: Path):
     """run.nnodes 2: each "machine" relaunches under torchrun --nnodes 2 with the c10d rendezvous
     on 127.0.0.1 (gloo); node ranks are assigned by torchrun, rank 0's machine writes the outputs."""
@@ -157,7 +157,7 @@ def test_two_node_torchrun_over_c10d_matches_one_process(workdir: Path):
     assert json.loads((written[0] / "metrics" / "nodes.json").read_text())["steps"] == 8
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=25)
 def test_stage_under_srun_joins_one_process_group(workdir: Path):
     """Under SLURM's srun (SLURM_PROCID / SLURM_NTASKS, MASTER_ADDR / MASTER_PORT from the job
     script) the stage needs no torchrun: two tasks train as one data-parallel run."""

@@ -55,6 +55,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 # 24 reference images of 2048 features: a singular covariance, as expected with so few
+@pytest.mark.e2e(cost=35)  # Inception's forward passes on the CPU
 @pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:invalid value encountered")
 def test_reference_then_score_record_real_numbers(workspace: Path):
     fid_stage.reference(argparse.Namespace(data=Path("data/tiny/cifar10"), out=Path("fid_ref/tiny/cifar10"),

@@ -156,7 +156,7 @@ def test_update_with_repeated_slots_keeps_the_last_copy():
     assert buf.labels[[3, 5, 0]].tolist() == [1, 0, 0]
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=35)
 def test_gmm_splits_choose_the_images_p0_is_fitted_on(tmp_path):
     """gmm.splits: [train] (ours: validation images unseen) or [train, val] (train_sadajem.py's 50,000);
     asking for val where there is none stops in one line."""

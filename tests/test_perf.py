@@ -82,7 +82,7 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_data):
     assert (x16 - x32).abs().mean() < 0.05 * moved
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=55)
 def test_compiled_trunk_matches_eager(tiny_data):
     from torch._dynamo.utils import counters
 

@@ -40,7 +40,7 @@ def repo(tiny_workspace) -> tuple[Path, dict[str, str]]:
     return tiny_workspace
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=100)
 def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(tiny_pipeline, repo):
     path, env = repo
     dvc = [sys.executable, "-m", "dvc"]
@@ -212,7 +212,7 @@ def _kill(work: Path, command: str) -> bool:
     return killed
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=105)
 def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(tiny_pipeline, repo):
     """`python -m stages.table --workers 2` in a copy whose runs were never trained: both train at once,
     and the longer one is killed once it has written a checkpoint. One line names its variant and log;
@@ -276,7 +276,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
                or r.data.tags["table_run"] == second_id)
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=80)
 def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without_recomputing(tiny_pipeline, repo,
                                                                                               tmp_path):
     """README "A table over several machines": `examples/slurm/submit_table.sh` (sbatch stood in for by
@@ -350,7 +350,7 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     assert (origin / "reports" / "tiny" / "summary.csv").exists()
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=13)
 def test_mlflow_ui_and_dvc_views_read_the_runs_as_their_users_expect(repo, tmp_path):
     """After `dvc repro`: through a real tracking server's REST API, the experiment opens in the
     runs view, a train run has its dataset inputs and its model (loadable through the server's
@@ -522,32 +522,36 @@ def dvc_here(repo, monkeypatch, capfd) -> Callable[..., str]:
     return dvc
 
 
-@pytest.mark.e2e
-def test_each_edit_reruns_exactly_the_stages_that_read_what_changed(repo, dvc_here):
-    """README "The DAG": one edit at a time, the real `dvc repro` of the stages that resolve settings and
-    fingerprint data (and so the data stages the edit reaches), then `dvc status` names exactly the
-    expensive stages that read what changed; undone, the workspace is up to date again. Last, a family
-    edit and a full `dvc repro`: only that family's variant retrains, with its chain and the report."""
-    path, env = repo
+@pytest.mark.e2e(cost=15)
+@pytest.mark.parametrize(("what", "file", "edit", "ran", "flagged"), EDITS, ids=[e[0] for e in EDITS])
+def test_each_edit_reruns_exactly_the_stages_that_read_what_changed(repo, dvc_here, what, file, edit, ran, flagged):
+    """README "The DAG": one edit, the real `dvc repro` of the stages that resolve settings and fingerprint
+    data (and so the data stages the edit reaches), then `dvc status` names exactly the expensive stages
+    that read what changed; undone, the workspace is up to date again. (One test per edit: each starts
+    from its own copy of the shared pipeline, and the two workers share them out.)"""
+    path, _ = repo
 
     def status() -> set[str]:
         out = dvc_here("status", "--json")
         return set(json.loads(next(line for line in out.splitlines() if line.startswith("{"))))
 
-    for what, file, edit, ran, flagged in EDITS:
-        before = (path / file).read_text()
-        (path / file).write_text(edit(before))
-        assert _ran(dvc_here("repro", "inputs_data", "inputs_fid")) == ran, what
-        assert status() == flagged, what
-        (path / file).write_text(before)
-        dvc_here("repro", "inputs_data", "inputs_fid")
-        assert not status(), f"{what}: undone, yet not up to date"
+    before = (path / file).read_text()
+    (path / file).write_text(edit(before))
+    assert _ran(dvc_here("repro", "inputs_data", "inputs_fid")) == ran, what
+    assert status() == flagged, what
+    (path / file).write_text(before)
+    dvc_here("repro", "inputs_data", "inputs_fid")
+    assert not status(), f"{what}: undone, yet not up to date"
 
+
+@pytest.mark.e2e(cost=40)
+def test_a_family_edit_retrains_only_its_variant_and_dvc_params_diff_shows_it(repo):
+    """A family edit and a full `dvc repro`: only that family's variant retrains, with its chain and the
+    report; `dvc params diff` shows the edit in params.yaml and in the variant's own settings file."""
+    path, env = repo
     dvc = [sys.executable, "-m", "dvc"]
-    # dvc params diff shows the edit in params.yaml and in the variant's own settings file
     (path / "params.yaml").write_text(EDITS[0][2]((path / "params.yaml").read_text()))
     out = run_ok([*dvc, "repro"], path, env)
-    # (configure and inputs_* ran for this very edit above: DVC's run cache restores them now)
     assert _ran(out) - CHEAP == {f"{s}@sadajem_k5-1" for s in PER_VARIANT} | {"report"}
     diff = json.loads(run_ok([*dvc, "params", "diff", "--json"], path, env).strip().splitlines()[-1])
     change = {"old": 1.0, "new": 0.9, "diff": pytest.approx(-0.1)}
@@ -556,7 +560,7 @@ def test_each_edit_reruns_exactly_the_stages_that_read_what_changed(repo, dvc_he
     assert set(diff) == {"params.yaml", "config/tiny/settings/train/sadajem_k5/seed1.yaml"}
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=47)
 def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
     """`dvc exp run --queue` + `dvc queue start -j 2`: both experiments, each in DVC's temporary executor,
     log every stage they rerun to the workspace's mlflow.db, under one parent run per variant each."""
@@ -594,7 +598,7 @@ def test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run(repo):
         assert all(r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id for r in nested)
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=7)
 def test_shared_dvc_remote_push_then_pull_into_a_fresh_clone(repo, tmp_path):
     """README "Several machines": `dvc remote add -d`, `dvc push` on one machine, `git clone` +
     `dvc pull` on another, and the clone's pipeline is up to date without recomputing."""

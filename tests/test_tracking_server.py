@@ -28,7 +28,7 @@ def _clone(dest: Path, **run: str) -> Path:
     return dest
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=32)
 def test_two_clones_log_to_one_tracking_server(tmp_path: Path):
     server = tmp_path / "server"
     server.mkdir()
@@ -76,7 +76,7 @@ def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tm
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.e2e
+@pytest.mark.e2e(cost=45)
 def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tmp_path: Path):
     """README "One tracking server for the team": MLflow's basic-auth app, host and CORS restrictions.
     An unauthenticated request is refused; a stage with MLflow's own credential variables logs its run;
