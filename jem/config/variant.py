@@ -111,7 +111,7 @@ class OptimConfig:
     sam: str = "none"  # none | sam | asam
     rho: float = 0.05
     schedule: str = "step"  # step | cosine | constant
-    # epochs of the step decays; fractions allowed (the demo decays at 12.8 and 14.4 of 16)
+    # epochs of the step decays; fractions allowed (the demo decays at 6.4 and 7.2 of 8)
     milestones: list[float] = field(default_factory=lambda: [60, 120, 180])
     gamma: float = 0.2  # step decay factor
     warmup_iters: int = 1000  # linear warm-up over the first iterations (0 = none)
