@@ -127,6 +127,25 @@ def test_injected_nan_is_rolled_back_and_remedied(stage_dir, monkeypatch, capsys
     assert run.data.metrics["recovery/retries"] == 1 and run.info.status == "FINISHED"
 
 
+def test_checkpoints_written_for_other_params_are_set_aside_and_training_starts_over(stage_dir, capsys):
+    """A rerun after a params edit does not resume the old run's checkpoints: they move to stale/ (kept),
+    one line says why, and the stage trains from step 0 under the new settings."""
+    assert run_stage() == 0
+    folder = stage_dir / "checkpoints" / "v"
+    before = sorted(p.name for p in folder.glob("step-*.pt"))
+    assert before
+    capsys.readouterr()
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    params["scales"]["tiny"]["variant"]["optim"]["warmup_iters"] = 5
+    (stage_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert run_stage() == 0
+    out = capsys.readouterr().out
+    assert f"moved {len(before)} checkpoint(s) to checkpoints/v/stale and starting over" in out, out
+    assert "resumed from" not in out
+    assert sorted(p.name for p in (folder / "stale").glob("step-*.pt")) == before
+    assert read_metrics(stage_dir / "metrics" / "v.json")["steps"] == 12
+
+
 def test_when_retries_run_out_the_stage_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         stage_dir, monkeypatch, capsys):
     inject_nan(monkeypatch, at_steps=set(range(5, 100)), times=100)
