@@ -163,11 +163,6 @@ def _start_tiny_pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytes
     if _build is None and any("tiny_pipeline" in getattr(i, "fixturenames", ()) for i in request.session.items):
         _build = _Build(_tiny_home(tmp_path_factory))
         _build.start()
-        # The tests that need the pipeline wait for it: its stage processes go first. On Linux a nice value
-        # is a thread's, and what a thread starts inherits it: the tests (this thread) and the processes they
-        # start yield to the build (its thread, started above), not the other way round.
-        with contextlib.suppress(OSError):
-            os.nice(5)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def _newest_step(folder: Path) -> int:
     return int(paths[-1].stem.split("-")[1]) if paths else -1
 
 
-@pytest.mark.e2e(cost=90)
+@pytest.mark.e2e(cost=60)
 def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_path: Path):
     copy_repo(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
