@@ -24,7 +24,7 @@ from jem.config.variant import Variant, deep_merge
 
 # Two cores: one torch thread per process when pytest-xdist runs two workers beside the shared
 # pipeline's stage processes (two OpenMP threads each spin-wait for a core held by another process: a
-# test of 0.6 s alone took 88 s so), both for the serial run.
+# test of 0.6 s alone took 88 s so); two in the serial run (TEST_WORKERS=0).
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 torch.set_num_threads(THREADS)
 
