@@ -146,13 +146,17 @@ def _tiny_home(factory: pytest.TempPathFactory) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-pipeline"
 
 
+def _needs_pipeline(item: pytest.Item) -> bool:
+    return "tiny_pipeline" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that need the tiny pipeline run last, so that it is built while the others run; among
     them, and among the others, the costliest first (``@pytest.mark.e2e(cost=N)``, default 0), so that
     no long test starts when the other worker has nothing left to run."""
     def key(item: pytest.Item) -> tuple[bool, int]:
         marker = item.get_closest_marker("e2e")
-        return "tiny_pipeline" in getattr(item, "fixturenames", ()), -(marker.kwargs.get("cost", 0) if marker else 0)
+        return _needs_pipeline(item), -(marker.kwargs.get("cost", 0) if marker else 0)
 
     items.sort(key=key)
 
@@ -160,7 +164,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _start_tiny_pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     global _build
-    if _build is None and any("tiny_pipeline" in getattr(i, "fixturenames", ()) for i in request.session.items):
+    if _build is None and any(map(_needs_pipeline, request.session.items)):
         _build = _Build(_tiny_home(tmp_path_factory))
         _build.start()
 

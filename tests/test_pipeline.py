@@ -23,7 +23,7 @@ import yaml
 
 from stages.outputs import read_metrics
 
-from .conftest import rest_api, run_ok, tracking_server
+from .conftest import TINY_VARIANTS, rest_api, run_ok, tracking_server
 
 
 def _ran(output: str) -> set[str]:
@@ -212,6 +212,11 @@ def _kill(work: Path, command: str) -> bool:
     return killed
 
 
+def _table_run(output: str) -> str:
+    """The table run a `stages.table` call names in its first "[table] <id>: ..." line."""
+    return output.split("[table] ", 1)[1].split(":", 1)[0]
+
+
 @pytest.mark.e2e(cost=105)
 def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(tiny_pipeline, repo):
     """`python -m stages.table --workers 2` in a copy whose runs were never trained: both train at once,
@@ -243,11 +248,11 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     assert log.exists() and "Running stage 'train@sadajem_k5-1'" in log.read_text()
     assert (work / "models" / "tiny" / "softmax" / "seed1" / "final.pt").exists()
     assert not (work / "models" / "tiny" / "sadajem_k5" / "seed1").exists(), "no partial outputs"
-    first_id = stdout.split("[table] ", 1)[1].split(":", 1)[0]
+    first_id = _table_run(stdout)
 
     again = run_ok(table, work, env)
     assert "every stage up to date" in again
-    second_id = again.split("[table] ", 1)[1].split(":", 1)[0]
+    second_id = _table_run(again)
     logs = work / "logs" / "tiny" / second_id
     assert "Running stage" not in (logs / "train@softmax-1.log").read_text()  # finished: not retrained
     assert "resumed from checkpoints/tiny/sadajem_k5/seed1/step-" in (logs / "train@sadajem_k5-1.log").read_text()
@@ -325,7 +330,7 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     shared = origin / ".slurm" / "pair" / "shared" / "logs" / "tiny" / run_id
     assert (shared / "shared.log").exists() and not {s for log in shared.glob("*.log") for s in _ran(log.read_text())}
     tasks = {}
-    for index, variant in enumerate(("softmax", "sadajem_k5")):
+    for index, variant in enumerate(V):
         work = origin / ".slurm" / "pair" / str(index)
         tasks[variant] = {s for log in (work / "logs" / "tiny" / run_id).glob("*.log") for s in _ran(log.read_text())}
         ours = _state(work, variant)  # computed or restored: in the task's clone either way
@@ -450,7 +455,7 @@ def _params_edit(changes: dict[str, object]) -> Callable[[str], str]:
     return edit
 
 
-V = ("softmax", "sadajem_k5")
+V = TINY_VARIANTS  # softmax, sadajem_k5
 PER_VARIANT = ("train", "sample", "evaluate", "fid", "robustness")
 SETTINGS_RERUN = CHEAP  # a params edit that changes some instance's settings: configure, then the fingerprints
 # (what is edited, how, the cheap and data stages `dvc repro inputs_data inputs_fid` runs, what `dvc status`

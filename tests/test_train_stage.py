@@ -18,7 +18,8 @@ from jem.runtime.checkpoint import CheckpointDir
 from .conftest import copy_repo, run_ok, stage_env
 
 TRAIN = [sys.executable, "-m", "stages.train", "--variant", "sadajem_k5", "--data", "data/tiny", "--gmm", "gmm/tiny"]
-KILL_AFTER = (5, 21, 33)  # kill once the newest checkpoint is at least this step (16 steps an epoch)
+EPOCHS = 3  # of 16 steps
+KILL_AFTER = (5, 21, 33)  # kill once the newest checkpoint is at least this step (mid-epoch and past an epoch end)
 
 
 def _outputs(tag: str) -> list[str]:
@@ -36,13 +37,13 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     copy_repo(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["scale"] = "tiny"
-    params["scales"]["tiny"]["variant"]["train"].update(epochs=3, checkpoint_every=3)
+    params["scales"]["tiny"]["variant"]["train"].update(epochs=EPOCHS, checkpoint_every=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env()
     run_ok([sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"], tmp_path, env)
     run_ok([sys.executable, "-m", "stages.gmm", "--data", "data/tiny/cifar10", "--out", "gmm/tiny/cifar10"],
            tmp_path, env)
-    total = 3 * (params["datasets"]["cifar10"]["tiny"]["train"] // 16)
+    total = EPOCHS * (params["datasets"]["cifar10"]["tiny"]["train"] // 16)
     folder = tmp_path / "checkpoints" / "killed"
 
     killed_at = []
@@ -66,7 +67,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     run_ok([*TRAIN, *_outputs("straight")], tmp_path, env)
 
     metrics = json.loads((tmp_path / "metrics" / "killed.json").read_text())
-    assert metrics["steps"] == total and metrics["epochs"] == 3
+    assert metrics["steps"] == total and metrics["epochs"] == EPOCHS
     a = torch.load(tmp_path / "models" / "killed" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "models" / "straight" / "final.pt", weights_only=True)
     for key, value in b["model"].items():
@@ -78,7 +79,7 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     assert best_a["epoch"] == best_b["epoch"] and best_b["buffer"]["samples"].shape == b["buffer"]["samples"].shape
     assert all(torch.equal(best_a["model"][k], v) for k, v in best_b["model"].items())
     assert torch.equal(best_a["buffer"]["samples"], best_b["buffer"]["samples"])
-    if best_b["epoch"] < 3:  # an earlier epoch's buffer, not the final one
+    if best_b["epoch"] < EPOCHS:  # an earlier epoch's buffer, not the final one
         assert not torch.equal(best_b["buffer"]["samples"], b["buffer"]["samples"])
     curve = (tmp_path / "plots" / "killed" / "steps.csv").read_text()
     assert curve == (tmp_path / "plots" / "straight" / "steps.csv").read_text()  # the learning curve too
