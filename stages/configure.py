@@ -18,9 +18,9 @@ from pathlib import Path
 
 from jem.config.instances import instances
 from jem.config.params import scale_name
-from stages.common import load_params, main_guard
-from stages.declared import write_settings
-from stages.outputs import building
+from pipeline.common import load_params, main_guard
+from pipeline.declared import write_settings
+from pipeline.outputs import building
 
 
 def main() -> None:

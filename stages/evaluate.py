@@ -36,13 +36,13 @@ from jem.data.datasets import load_split
 from jem.evaluation.landscape import energy_curve, filter_normalized_direction
 from jem.evaluation.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
 from jem.evaluation.ood import SCORES, auroc, ood_scores
-from stages.common import StageError, load_params, main_guard, setup_run
-from stages.declared import Inputs, check_settings
-from stages.figures import plot_landscape, plot_ood_histograms, plot_reliability
-from stages.outputs import building, write_metrics
-from stages.plot_data import write_ood_histograms
-from stages.tracking import mlflow_run
-from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
+from jem.report.figures import plot_landscape, plot_ood_histograms, plot_reliability
+from jem.report.plot_data import write_ood_histograms
+from pipeline.common import StageError, load_params, main_guard, setup_run
+from pipeline.declared import Inputs, check_settings
+from pipeline.outputs import building, write_metrics
+from pipeline.tracking import mlflow_run
+from pipeline.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int,

@@ -47,11 +47,11 @@ from jem.evaluation.inception import (
     score_protocol,
 )
 from jem.runtime.checkpoint import load_arrays
-from stages.common import StageError, load_params, main_guard, setup_run
-from stages.declared import Inputs, check_settings
-from stages.outputs import building, write_json, write_metrics
-from stages.tracking import mlflow_run
-from stages.weights import model_channels_last, skip_diverged, stage_run
+from pipeline.common import StageError, load_params, main_guard, setup_run
+from pipeline.declared import Inputs, check_settings
+from pipeline.outputs import building, write_json, write_metrics
+from pipeline.tracking import mlflow_run
+from pipeline.weights import model_channels_last, skip_diverged, stage_run
 
 
 def _inception(cfg: dict[str, Any], device: torch.device) -> Any:

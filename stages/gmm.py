@@ -19,10 +19,10 @@ import torch
 from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.method.gmm import GaussianMixture, compute_mixture_stats, save_mixture_stats
-from stages.common import StageError, load_params, main_guard
-from stages.declared import check_settings
-from stages.figures import save_grid
-from stages.tracking import mlflow_run
+from jem.report.figures import save_grid
+from pipeline.common import StageError, load_params, main_guard
+from pipeline.declared import check_settings
+from pipeline.tracking import mlflow_run
 
 CHUNK = 1000
 

@@ -5,7 +5,7 @@
 
 A variant's dataset role (CIFAR-10 or CIFAR-100) and its OOD sets are known only once its
 params are resolved, which ``dvc.yaml`` cannot do. So each per-variant instance depends on one
-small file listing the SHA-256 of exactly the files it reads (``stages.declared``), written
+small file listing the SHA-256 of exactly the files it reads (``pipeline.declared``), written
 here from its resolved settings (stage ``configure``) and the prepared files:
 
 * ``data`` (once the data and GMM statistics exist): train (its role's meta, train and val
@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError, main_guard
-from stages.declared import write_inputs
-from stages.outputs import building
+from pipeline.common import StageError, main_guard
+from pipeline.declared import write_inputs
+from pipeline.outputs import building
 
 KINDS = {"data": ("train", "sample", "evaluate", "robustness", "fid_ref"), "fid": ("fid",)}
 

@@ -26,11 +26,11 @@ from jem.data.datasets import (
     train_val_split,
 )
 from jem.data.synthetic import make_clouds, make_gratings, make_shapes
-from stages.common import StageError, load_params, main_guard
-from stages.declared import check_settings
-from stages.figures import save_grid
-from stages.outputs import write_json
-from stages.tracking import mlflow_run
+from jem.report.figures import save_grid
+from pipeline.common import StageError, load_params, main_guard
+from pipeline.declared import check_settings
+from pipeline.outputs import write_json
+from pipeline.tracking import mlflow_run
 
 PROCEDURAL = ("shapes", "glyphs", "clouds", "gratings")
 TEST_SEED_OFFSET = 10_000

@@ -21,7 +21,7 @@ of them):
   papers publish these as a figure only);
 * ``stability``: per variant, runs with a divergence of all its runs, divergence events per 1,000
   iterations, the first divergence's epoch and the signals that fired (``train`` metrics);
-* ``claims``: the papers' comparative claims (``reports/claims.yaml``, ``stages.claims``), each
+* ``claims``: the papers' comparative claims (``reports/claims.yaml``, ``jem.report.claims``), each
   holds / does not hold / not run / not measured on these runs, with both sides' numbers, their
   spread and the seeds in which it holds.
 
@@ -58,13 +58,13 @@ import pandas as pd
 import yaml
 
 from jem.config.instances import instance_settings
-from stages.claims import evaluate_all, load_claims
-from stages.common import StageError, load_params, main_guard
-from stages.declared import check_settings
-from stages.figures import plot_landscape, plot_robustness
-from stages.outputs import building, read_metrics
-from stages.plot_data import write_variant_tables
-from stages.tracking import mlflow_run
+from jem.report.claims import evaluate_all, load_claims
+from jem.report.figures import plot_landscape, plot_robustness
+from jem.report.plot_data import write_variant_tables
+from pipeline.common import StageError, load_params, main_guard
+from pipeline.declared import check_settings
+from pipeline.outputs import building, read_metrics
+from pipeline.tracking import mlflow_run
 
 PERCENT = {"accuracy", "ece"}
 COLUMN_TITLES = {"accuracy": "Acc %", "is": "IS", "fid": "FID", "ece": "ECE %", "svhn": "SVHN",
@@ -408,7 +408,7 @@ def stability_table(runs: Runs) -> pd.DataFrame:
 
 
 def claim_values(runs: Runs, fid_set: str) -> Any:
-    """Per variant and claim metric, each seed's number (or why it has none): ``stages.claims.Values``."""
+    """Per variant and claim metric, each seed's number (or why it has none): ``jem.report.claims.Values``."""
 
     def values(variant: str, metric: str) -> dict[int, float | str]:
         out: dict[int, float | str] = {}

@@ -32,12 +32,12 @@ import torch
 from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.evaluation.robustness import bpda_eot_accuracy, pgd_accuracy, purification_sampler
-from stages.common import load_params, main_guard, setup_run
-from stages.declared import Inputs, check_settings
-from stages.figures import plot_robustness
-from stages.outputs import building, write_metrics
-from stages.tracking import mlflow_run
-from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
+from jem.report.figures import plot_robustness
+from pipeline.common import load_params, main_guard, setup_run
+from pipeline.declared import Inputs, check_settings
+from pipeline.outputs import building, write_metrics
+from pipeline.tracking import mlflow_run
+from pipeline.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def _radius_key(norm: str, eps: float) -> str:

@@ -29,13 +29,13 @@ from jem.evaluation.metrics import predict_logits
 from jem.method.gmm import load_mixture_stats
 from jem.method.samplers import sample, without_bn_updates
 from jem.method.train import build_p0
+from jem.report.figures import save_grid
 from jem.runtime.checkpoint import load_tensors
-from stages.common import StageError, load_params, main_guard, setup_run
-from stages.declared import Inputs, check_settings
-from stages.figures import save_grid
-from stages.outputs import building, write_json
-from stages.tracking import mlflow_run
-from stages.weights import diverged, load_selected, run_of, skip_diverged, stage_run
+from pipeline.common import StageError, load_params, main_guard, setup_run
+from pipeline.declared import Inputs, check_settings
+from pipeline.outputs import building, write_json
+from pipeline.tracking import mlflow_run
+from pipeline.weights import diverged, load_selected, run_of, skip_diverged, stage_run
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

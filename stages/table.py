@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jem.config.params import selected_seeds
-from stages.common import StageError, load_params, main_guard
+from pipeline.common import StageError, load_params, main_guard
 
 # DVC's words when another process holds the repository lock or a stage's read/write lock
 LOCKED = ("Unable to acquire lock", "is busy, it is being blocked by")
@@ -151,7 +151,7 @@ def runs_url(params: dict, scale: str, run_id: str) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from stages.tracking import tracking_root, tracking_uri
+        from pipeline.tracking import tracking_root, tracking_uri
 
         uri, _ = tracking_uri(tracking_root(), params)
         experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(f"jem-{scale}")

@@ -58,15 +58,15 @@ from jem.evaluation.metrics import accuracy, calibration, predict_logits
 from jem.method.gmm import load_mixture_stats
 from jem.method.models import load_model, save_model
 from jem.method.train import DivergenceError, Trainer
+from jem.report.figures import plot_learning_curves
 from jem.runtime import distributed
 from jem.runtime.checkpoint import CheckpointDir
 from jem.runtime.distributed import barrier
-from stages.common import StageError, load_params, main_guard, setup_run
-from stages.declared import Inputs, check_settings
-from stages.figures import plot_learning_curves
-from stages.outputs import building, write_json, write_metrics
-from stages.tracking import mlflow_run
-from stages.weights import stage_run
+from pipeline.common import StageError, load_params, main_guard, setup_run
+from pipeline.declared import Inputs, check_settings
+from pipeline.outputs import building, write_json, write_metrics
+from pipeline.tracking import mlflow_run
+from pipeline.weights import stage_run
 
 STEP_FIELDS = ("step", "epoch", "loss", "loss_clf", "loss_gen", "energy_pos", "energy_neg", "acc_train",
                "saturation", "lr")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.claims import PAPERS, Claim, Side, evaluate, evaluate_all, load_claims
-from stages.common import StageError
+from jem.config.errors import InputError
+from jem.report.claims import PAPERS, Claim, Side, evaluate, evaluate_all, load_claims
 
 from .conftest import ROOT
 
@@ -119,7 +119,7 @@ def test_a_malformed_claim_is_one_line_naming_it(tmp_path: Path, entry, message)
     raw = {k: v for k, v in {**good, **entry}.items() if v is not None}
     path = tmp_path / "claims.yaml"
     path.write_text(yaml.safe_dump({"claims": [raw]}))
-    with pytest.raises(StageError) as err:
+    with pytest.raises(InputError) as err:
         load_claims(path, set(PARAMS["methods"]))
     assert "claims[0] (x)" in str(err.value) and "\n" not in str(err.value)
     assert (message or "missing claim, source") in str(err.value)

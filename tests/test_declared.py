@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from jem.config.instances import KINDS, instance_settings, instances
-from stages.common import StageError
-from stages.declared import Inputs, check_settings, inputs_path, settings_path, write_inputs, write_settings
+from pipeline.common import StageError
+from pipeline.declared import Inputs, check_settings, inputs_path, settings_path, write_inputs, write_settings
 from stages.inputs import reads
 
 from .conftest import ROOT

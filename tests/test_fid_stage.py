@@ -19,7 +19,7 @@ import yaml
 import stages.fid as fid_stage
 from jem.data.datasets import save_split
 from jem.evaluation.inception import FIDInception, GaussianStats, fid_inception_architecture, random_inception_state
-from stages.outputs import read_metrics
+from pipeline.outputs import read_metrics
 
 from .conftest import ROOT
 

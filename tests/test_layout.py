@@ -1,5 +1,5 @@
 """The layout of the code as the import graph sees it (grimp, the graph import-linter checks its
-contracts on): no import cycle among the modules of jem/ and stages/, however the contracts in
+contracts on): no import cycle among the modules of jem/, pipeline/ and stages/, however the contracts in
 pyproject.toml are edited, and the library's root holds packages, not modules."""
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ def _cycles(graph: grimp.ImportGraph) -> list[tuple[str, str]]:
 def _graph() -> grimp.ImportGraph:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    return grimp.build_graph("jem", "stages", cache_dir=None)
+    return grimp.build_graph("jem", "pipeline", "stages", cache_dir=None)
 
 
-def test_no_import_cycle_among_jem_and_stages_modules():
+def test_no_import_cycle_among_jem_pipeline_and_stages_modules():
     graph = _graph()
-    assert {"jem.method.train", "stages.train", "stages.tracking"} <= graph.modules  # the graph is the real one
-    assert graph.find_modules_directly_imported_by("stages.train") >= {"jem.method.train", "stages.tracking"}
+    assert {"jem.method.train", "stages.train", "pipeline.tracking"} <= graph.modules  # the graph is the real one
+    assert graph.find_modules_directly_imported_by("stages.train") >= {"jem.method.train", "pipeline.tracking"}
     assert _cycles(graph) == []
 
 
@@ -42,12 +42,12 @@ def test_library_root_holds_packages_only():
     modules = sorted(p.name for p in (ROOT / "jem").glob("*.py"))
     packages = sorted(p.name for p in (ROOT / "jem").iterdir() if (p / "__init__.py").exists())
     assert modules == ["__init__.py"]
-    assert packages == ["bench", "config", "data", "evaluation", "method", "runtime"]
+    assert packages == ["bench", "config", "data", "evaluation", "method", "report", "runtime"]
 
 
 # ---- dvc.yaml's code dependencies are the stages' import closures ---------------------------------
 def import_closure(graph: grimp.ImportGraph, entry: str) -> set[str]:
-    """The files of jem/ and stages/ that ``python -m <entry>`` may execute: every module it imports,
+    """The files of jem/, pipeline/ and stages/ that ``python -m <entry>`` may execute: every module it imports,
     directly or not (imports inside functions included), and the ``__init__`` of every package on
     the way (Python runs them when it imports a submodule)."""
     modules: set[str] = set()
@@ -84,11 +84,12 @@ def test_every_stage_depends_on_exactly_the_code_its_entry_point_imports():
     for name, stage in _stage_definitions().items():
         entry = re.search(r"python -m (stages\.\w+)", stage["cmd"])
         assert entry, f"{name}: its cmd runs no stages.<module> entry point: {stage['cmd']}"
-        declared = {d for d in stage.get("deps", []) if isinstance(d, str) and re.match(r"(jem|stages)(/|$)", d)}
+        declared = {d for d in stage.get("deps", [])
+                    if isinstance(d, str) and re.match(r"(jem|pipeline|stages)(/|$)", d)}
         assert all(d.endswith(".py") for d in declared), f"{name}: a code dependency names a folder: {declared}"
         closure = import_closure(graph, entry.group(1))
         if declared != closure:
-            ordered = sorted(closure, key=lambda f: (not f.startswith("stages"), f))
+            ordered = sorted(closure, key=lambda f: (not f.startswith("stages"), not f.startswith("pipeline"), f))
             problems.append(f"{name}: missing {sorted(closure - declared)}, not imported {sorted(declared - closure)}; "
                             "its code deps are:\n" + "\n".join(f"  - {f}" for f in ordered))
     assert not problems, "\n".join(problems)

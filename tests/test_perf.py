@@ -254,7 +254,7 @@ def test_stages_after_training_take_the_run_perf_layout_and_compute_the_same():
     from jem.evaluation.metrics import predict_logits
     from jem.evaluation.ood import ood_scores
     from jem.method.models import build_model
-    from stages.weights import model_channels_last
+    from pipeline.weights import model_channels_last
 
     params = {"scale": "tiny", "scales": {"tiny": {}}, "run": {"perf": "auto"}}
     assert model_channels_last(params, torch.device("cpu"))

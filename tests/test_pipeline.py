@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.outputs import read_metrics
+from pipeline.outputs import read_metrics
 
 from .conftest import TINY_VARIANTS, rest_api, run_ok, tracking_server
 

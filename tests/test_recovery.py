@@ -13,7 +13,7 @@ import yaml
 import jem.method.train
 from jem.method.train import Trainer
 from jem.runtime.checkpoint import CheckpointDir
-from stages.outputs import read_metrics
+from pipeline.outputs import read_metrics
 
 from .conftest import ROOT, tiny_variant, write_prepared_shapes
 
@@ -89,7 +89,7 @@ def inject_nan(monkeypatch, at_steps: set[int], times: int) -> list[int]:
 
 
 def run_stage() -> int:
-    from stages.common import main_guard
+    from pipeline.common import main_guard
     from stages.train import RecoveryExhausted, main
 
     try:
@@ -184,8 +184,8 @@ def test_with_recovery_off_a_divergence_stops_the_run_and_every_later_stage_says
     assert metrics["first_divergence_epoch"] == 2 and metrics["events_per_1k_iters"] == pytest.approx(1000 / 7, 1e-3)
     assert (stage_dir / "plots" / "tiny" / "train" / "jem_k20" / "seed1" / "curves.png").exists()
 
+    from pipeline.common import main_guard
     from stages import evaluate, fid, robustness, sample
-    from stages.common import main_guard
 
     later = {
         "sample": (sample.main, ["--model", str(model), "--gmm", "gmm/tiny", "--out", "samples/tiny/jem_k20/seed1"]),

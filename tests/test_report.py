@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.outputs import write_metrics
+from pipeline.outputs import write_metrics
 
 from .conftest import ROOT, run_ok, stage_env
 

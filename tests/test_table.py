@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import StageError
+from pipeline.common import StageError
 from stages.table import set_variants, slots
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.outputs import notes_path, read_metrics, write_metrics
-from stages.plot_data import write_ood_histograms, write_variant_tables
+from jem.report.plot_data import write_ood_histograms, write_variant_tables
+from pipeline.outputs import notes_path, read_metrics, write_metrics
 
 from .conftest import copy_repo, run_ok, stage_env
 

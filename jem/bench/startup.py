@@ -5,7 +5,7 @@
     JEM_TIMING_LOG=timing.jsonl make demo     # or time a run of your own ...
     jem-bench --startup --timing-log timing.jsonl   # ... and tabulate it
 
-Every stage process records (``stages.tracking.mark``) the seconds from its start (interpreter and
+Every stage process records (``pipeline.tracking.mark``) the seconds from its start (interpreter and
 imports included, by the operating system's record of the start) to ``main`` (its entry point's
 function is called: imports done), to ``work`` (params.yaml read and checked: its first line of
 work, while MLflow loads in the background), to ``run`` (its MLflow run is open) and to its exit;
@@ -32,7 +32,7 @@ from typing import Any
 # the stages a `dvc repro` runs, in the order of the DAG (dvc.yaml)
 KINDS = ("configure", "prepare", "gmm", "fid_ref", "inputs", "train", "sample", "evaluate", "fid", "robustness",
          "report")
-OWN = ("stages", "jem", "encodings", "site", "_")
+OWN = ("stages", "pipeline", "jem", "encodings", "site", "_")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import StageError
+from jem.config.errors import InputError
 
 METRICS = ("accuracy", "ece", "is", "fid", "minutes_per_epoch", "diverged", "divergence_events_per_1k")
 OOD_SCORES = ("log_px", "max_prob", "grad_norm")
@@ -72,11 +72,11 @@ def known_metric(metric: str) -> bool:
 def _side(raw: Any, metric: str | None, where: str) -> Side:
     if isinstance(raw, str):
         if metric is None:
-            raise StageError(f"{where}: a side given as a variant name needs the claim's `metric`")
+            raise InputError(f"{where}: a side given as a variant name needs the claim's `metric`")
         return Side(raw, metric)
     if isinstance(raw, dict) and "variant" in raw and (raw.get("metric") or metric):
         return Side(str(raw["variant"]), str(raw.get("metric") or metric))
-    raise StageError(f"{where} = {raw!r}: expected a variant name or {{variant: ..., metric: ...}}")
+    raise InputError(f"{where} = {raw!r}: expected a variant name or {{variant: ..., metric: ...}}")
 
 
 def load_claims(path: Path, methods: set[str]) -> list[Claim]:
@@ -84,28 +84,28 @@ def load_claims(path: Path, methods: set[str]) -> list[Claim]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise StageError(f"{path} not found; it lists the papers' claims the report checks") from None
+        raise InputError(f"{path} not found; it lists the papers' claims the report checks") from None
     raw = (data or {}).get("claims") if isinstance(data, dict) else None
     if not isinstance(raw, list) or not raw:
-        raise StageError(f"{path}: expected a non-empty list under `claims:`")
+        raise InputError(f"{path}: expected a non-empty list under `claims:`")
     claims: list[Claim] = []
     for i, c in enumerate(raw):
         where = f"{path}: claims[{i}]" + (f" ({c.get('id')})" if isinstance(c, dict) and c.get("id") else "")
         if not isinstance(c, dict):
-            raise StageError(f"{where}: expected a mapping")
+            raise InputError(f"{where}: expected a mapping")
         missing = [k for k in ("id", "claim", "source", "better", "a", "b") if k not in c]
         if missing:
-            raise StageError(f"{where}: missing {', '.join(missing)}")
+            raise InputError(f"{where}: missing {', '.join(missing)}")
         if c["better"] not in ("higher", "lower"):
-            raise StageError(f"{where}.better = {c['better']!r}: expected 'higher' or 'lower'")
+            raise InputError(f"{where}.better = {c['better']!r}: expected 'higher' or 'lower'")
         metric = c.get("metric")
         a, b = _side(c["a"], metric, f"{where}.a"), _side(c["b"], metric, f"{where}.b")
         for side in (a, b):
             if not known_metric(side.metric):
-                raise StageError(f"{where}: unknown metric {side.metric!r}; one of {', '.join(METRICS)} or "
+                raise InputError(f"{where}: unknown metric {side.metric!r}; one of {', '.join(METRICS)} or "
                                  f"ood.<{'|'.join(OOD_SCORES)}>.<{'|'.join(OOD_SETS)}>")
             if side.variant not in methods:
-                raise StageError(f"{where}: variant {side.variant!r} is not under `methods` in params.yaml")
+                raise InputError(f"{where}: variant {side.variant!r} is not under `methods` in params.yaml")
         source = c["source"]
         if isinstance(source, dict):
             source = f"{source.get('paper', '?')}, {source.get('where', '?')}"
@@ -113,7 +113,7 @@ def load_claims(path: Path, methods: set[str]) -> list[Claim]:
                             None if metric is None else str(metric)))
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids):
-        raise StageError(f"{path}: claim ids must be unique; repeated: "
+        raise InputError(f"{path}: claim ids must be unique; repeated: "
                          f"{', '.join(sorted({i for i in ids if ids.count(i) > 1}))}")
     return claims
 

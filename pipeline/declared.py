@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from jem.config.instances import plain
-from stages.common import StageError
+from pipeline.common import StageError
 
 
 def settings_path(scale: str, kind: str, name: str = "") -> Path:

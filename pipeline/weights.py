@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from jem.config.params import split_run
-from stages.common import StageError
-from stages.outputs import building, write_json, write_metrics
-from stages.tracking import mlflow_run
+from pipeline.common import StageError
+from pipeline.outputs import building, write_json, write_metrics
+from pipeline.tracking import mlflow_run
 
 
 def run_of(model_dir: Path) -> tuple[str, int | None]:

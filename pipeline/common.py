@@ -1,9 +1,9 @@
 """What every stage entry point shares: reading and checking ``params.yaml``, the device, one-line
 errors.
 
-The MLflow layer is ``stages.tracking``; the files a stage writes (metrics, notes, atomic
-folders) are ``stages.outputs``; the trained weights the stages after ``train`` read are
-``stages.weights``; what ``dvc.yaml`` declares a stage reads is ``stages.declared``. Each stage's
+The MLflow layer is ``pipeline.tracking``; the files a stage writes (metrics, notes, atomic
+folders) are ``pipeline.outputs``; the trained weights the stages after ``train`` read are
+``pipeline.weights``; what ``dvc.yaml`` declares a stage reads is ``pipeline.declared``. Each stage's
 code dependencies in ``dvc.yaml`` are its import closure (tests/test_layout.py), so this module
 imports only what every stage needs.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from stages.tracking import check_tracking, mark, warm_up
+from pipeline.tracking import check_tracking, mark, warm_up
 
 if TYPE_CHECKING:  # imported where a device is picked: the settings and fingerprint stages start without it
     import torch
@@ -32,7 +32,7 @@ class StageError(RuntimeError):
 def load_params(path: Path = PARAMS_FILE, tracking: bool = True) -> dict[str, Any]:
     """The params file, checked whole, and the tracking store checked. A stage that logs an MLflow run
     (``tracking``) is at its first line of work once this returns (``jem-bench --startup``), and MLflow
-    loads in the background meanwhile (``stages.tracking.warm_up``)."""
+    loads in the background meanwhile (``pipeline.tracking.warm_up``)."""
     try:
         params = yaml.safe_load(path.read_text())
     except FileNotFoundError:
