@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from jem.config.errors import InputError
-from jem.report.claims import PAPERS, Claim, Side, evaluate, evaluate_all, load_claims
+from jem.report.claims import PAPERS, Claim, Side, claim_values, evaluate, evaluate_all, load_claims
+from jem.report.runs import Runs
+from pipeline.outputs import read_metrics, write_metrics
 
 from .conftest import ROOT
 
@@ -105,6 +107,24 @@ def test_a_claim_holds_fails_is_not_run_or_not_measured_and_counts_its_seeds():
                 "diverged")
     row = evaluate_all([tie], _values({("a", "diverged"): {1: 0.0}, ("b", "diverged"): {1: 0.0}}), {"a", "b"})[0]
     assert row["status"] == "does not hold" and "(a tie)" in row["why"]
+
+
+def test_claim_values_are_each_seeds_number_from_the_runs_metrics_or_why_there_is_none(tmp_path: Path):
+    """What a claim's sides read: the papers' tables' per-seed values (accuracy in %, OOD AUROC by score and
+    set), divergence from the train metrics, and why a seed has no number."""
+    write_metrics(tmp_path / "train" / "a" / "seed1.json", {"status": "ok", "divergence_events": 2,
+                                                           "events_per_1k_iters": 4.0})
+    write_metrics(tmp_path / "train" / "a" / "seed2.json", {"status": "diverged", "diverged_at_epoch": 3,
+                                                           "divergence_events": 1})
+    write_metrics(tmp_path / "eval" / "a" / "seed1.json", {"status": "ok", "accuracy": 0.9,
+                                                          "ood": {"log_px": {"svhn": 0.8}}})
+    values = claim_values(Runs(tmp_path, ["a"], [1, 2, 3], read=read_metrics), "buffer")
+    assert values("a", "accuracy") == {1: pytest.approx(90.0), 2: "diverged at epoch 3", 3: "not computed"}
+    assert values("a", "ood.log_px.svhn")[1] == pytest.approx(0.8)
+    assert values("a", "ood.max_prob.svhn")[1] == "not computed"
+    assert values("a", "diverged") == {1: 1.0, 2: 1.0, 3: "not run"}
+    assert values("a", "divergence_events_per_1k") == {1: 4.0, 2: "not recorded", 3: "not recorded"}
+    assert values("a", "fid")[1] == "not computed"
 
 
 @pytest.mark.parametrize(("entry", "message"), [

@@ -215,9 +215,11 @@ def test_with_recovery_off_a_divergence_stops_the_run_and_every_later_stage_says
         f"{k}@jem_k20-1" for k in ("train", "sample", "evaluate", "robustness", "fid")}
     assert all(r.info.status == "FINISHED" and r.data.tags["seed"] == "1" for r in runs if "dvc_stage" in r.data.tags)
 
-    from stages.report import Runs, build_table, stability_table
+    from jem.report.published import build_table
+    from jem.report.runs import Runs
+    from jem.report.tables import stability_table
 
-    runs_ = Runs(stage_dir / "metrics" / "tiny", ["jem_k20"], [1])
+    runs_ = Runs(stage_dir / "metrics" / "tiny", ["jem_k20"], [1], read=read_metrics)
     spec = {"columns": ["accuracy", "fid"], "rows": [{"variant": "jem_k20", "label": "JEM", "accuracy": 92.9}]}
     table = build_table(spec, runs_, "buffer", "tiny").data.set_index("variant")
     assert table.loc["jem_k20", "accuracy ours"] == "diverged at epoch 2"

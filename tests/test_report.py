@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.outputs import write_metrics
+from jem.config.errors import InputError
+from jem.config.instances import instance_settings
+from jem.report.build import read_inputs
+from jem.report.published import FLAG, Footnotes, build_table
+from jem.report.runs import Runs
+from pipeline.outputs import read_metrics, write_metrics
 
 from .conftest import ROOT, run_ok, stage_env
 
@@ -145,13 +150,34 @@ def test_report_rows_values_spread_and_footnotes(workspace: Path):
     assert "Missing inputs" in text  # no plots or samples were given: said so, not hidden
 
 
-def test_at_the_paper_scale_a_difference_is_printed_only_like_for_like_and_flagged_outside_two_std(tmp_path: Path):
-    from stages.report import FLAG, Runs, build_table
+def test_missing_metrics_and_unknown_published_variants_stop_the_report_before_it_writes(workspace: Path):
+    """read_inputs: a published row naming a variant params.yaml does not define, or a run without train or
+    evaluate metrics, is one line that says what is wrong (the stage checks them before it starts its run)."""
+    settings = instance_settings(yaml.safe_load((workspace / "params.yaml").read_text()), "report")
+    metrics, claims = workspace / "metrics" / "demo", workspace / "reports" / "claims.yaml"
+    published = workspace / "reports" / "published.yaml"
+    inputs = read_inputs(settings, metrics, published, claims, read_metrics)
+    assert inputs.runs.variants == list(RAN) and inputs.runs.seeds == list(SEEDS) and inputs.claims
 
+    text = published.read_text()
+    published.write_text(text.replace("{variant: softmax,", "{variant: no_such_variant,", 1))
+    with pytest.raises(InputError, match=r"published\.yaml: rows name variants not in params\.yaml methods: "
+                                         r"no_such_variant$"):
+        read_inputs(settings, metrics, published, claims, read_metrics)
+    published.write_text(text)
+
+    (metrics / "eval" / "softmax" / "seed2.json").unlink()
+    (metrics / "train" / "sadajem_k5" / "seed1.json").unlink()
+    with pytest.raises(InputError, match=r"^no train or evaluate metrics for sadajem_k5/seed1, softmax/seed2 "
+                                         r"under .*demo; run dvc repro \(the train and evaluate stages come first\)$"):
+        read_inputs(settings, metrics, published, claims, read_metrics)
+
+
+def test_at_the_paper_scale_a_difference_is_printed_only_like_for_like_and_flagged_outside_two_std(tmp_path: Path):
     for seed, acc in ((1, 0.60), (2, 0.62), (3, 0.61)):
         _write(tmp_path / "eval" / "sadajem_k5" / f"seed{seed}.json", {"accuracy": acc, "ece": 0.02, "status": "ok"})
         _write(tmp_path / "eval" / "softmax" / f"seed{seed}.json", {"accuracy": 0.95, "ece": 0.02, "status": "ok"})
-    runs = Runs(tmp_path, ["sadajem_k5", "softmax"], [1, 2, 3])
+    runs = Runs(tmp_path, ["sadajem_k5", "softmax"], [1, 2, 3], read=read_metrics)
     spec = {"columns": ["accuracy", "minutes_per_epoch"], "rows": [
         {"variant": "sadajem_k5", "label": "same way", "accuracy": 95.5},
         {"variant": "softmax", "label": "within", "accuracy": 95.0},
@@ -168,25 +194,21 @@ def test_at_the_paper_scale_a_difference_is_printed_only_like_for_like_and_flagg
     assert table.notes[0] == "ensemble of models." and shown.loc["other way", "notes"] == "1"
     assert any(n.startswith(FLAG) for n in table.notes)
     assert shown.loc["same way", "accuracy ours"] == "61.00 ± 1.00 (3)"
-    one = build_table(spec, Runs(tmp_path, ["sadajem_k5", "softmax"], [1]), "buffer", "paper")
+    one = build_table(spec, Runs(tmp_path, ["sadajem_k5", "softmax"], [1], read=read_metrics), "buffer", "paper")
     assert any("One seed per variant" in n for n in one.notes)  # no spread: nothing can be flagged
 
 
 def test_footnotes_number_each_text_once():
-    from stages.report import Footnotes
-
     notes = Footnotes()
     assert [notes.ref("a"), notes.ref("b."), notes.ref("a."), notes.ref("c")] == [1, 2, 1, 3]
     assert notes.render() == "1. a.\n2. b.\n3. c."
 
 
 def test_a_row_without_a_stated_protocol_gets_the_familys_and_says_so(tmp_path: Path):
-    from stages.report import Runs, build_table
-
     _write(tmp_path / "fid" / "jem_k20" / "seed1.json", {"variant": "jem_k20", "status": "ok", "buffer": {
         "n": 100, "protocol": "whole", "is": 5.0, "fid": 40.0,
         "protocols": {"whole": {"is": 5.0, "fid": 40.0}, "sadajem": {"is": 6.0, "fid": 35.0}}}})
-    runs = Runs(tmp_path, ["jem_k20"])
+    runs = Runs(tmp_path, ["jem_k20"], read=read_metrics)
     spec = {"columns": ["is", "fid"], "rows": [
         {"variant": "jem_k20", "label": "not stated", "is": 8.76, "fid": 38.4, "protocol": None,
          "measured": "ensemble"},

@@ -14,6 +14,10 @@ On the user's runs a claim:
 
 Seeds are paired: "holds in k of n seeds" counts the seeds where both sides have a number and
 ``a`` is better than ``b`` in that seed.
+
+A side's number in each seed (``claim_values``) is the one the papers' tables show for that
+variant and column (``jem.report.runs``); ``diverged`` and ``divergence_events_per_1k`` come
+from the train metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import yaml
 
 from jem.config.errors import InputError
+from jem.report.runs import OOD_KEYS, Runs, divergence_events, seed_value
 
 METRICS = ("accuracy", "ece", "is", "fid", "minutes_per_epoch", "diverged", "divergence_events_per_1k")
 OOD_SCORES = ("log_px", "max_prob", "grad_norm")
@@ -116,6 +121,32 @@ def load_claims(path: Path, methods: set[str]) -> list[Claim]:
         raise InputError(f"{path}: claim ids must be unique; repeated: "
                          f"{', '.join(sorted({i for i in ids if ids.count(i) > 1}))}")
     return claims
+
+
+def claim_values(runs: Runs, fid_set: str) -> Values:
+    """Per variant and claim metric, each seed's number (or why it has none): ``Values``."""
+
+    def values(variant: str, metric: str) -> dict[int, float | str]:
+        out: dict[int, float | str] = {}
+        for s in runs.seeds:
+            tr = runs.get("train", variant, s) or {}
+            if metric == "diverged":
+                out[s] = float(bool(divergence_events(tr))) if tr else "not run"
+                continue
+            if metric == "divergence_events_per_1k":
+                value = tr.get("events_per_1k_iters")
+                out[s] = float(value) if value is not None else "not recorded"
+                continue
+            if metric.startswith("ood."):
+                _, score, ood = metric.split(".")
+                row = {"variant": variant, "score": score}
+                column = next(k for k, key in OOD_KEYS.items() if key == ood)
+            else:
+                row, column = {"variant": variant}, metric
+            out[s] = seed_value(column, row, runs, fid_set, s)
+        return out
+
+    return values
 
 
 def spread(values: list[float]) -> str:
