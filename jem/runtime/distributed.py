@@ -9,14 +9,17 @@ and sliced; what is rank-specific (which buffer slots to draw) comes from a per-
 generator. Checkpoints gather the buffer shards, so a run resumes on another number of
 processes.
 
-Without ``torchrun`` (``WORLD_SIZE`` unset or 1) everything here is a no-op.
+Without ``torchrun`` (``WORLD_SIZE`` unset or 1) everything here is a no-op;
+``relaunch_under_torchrun`` turns a plain command into such a run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -61,6 +64,25 @@ def from_slurm(environ: dict[str, str] | None = None) -> None:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
 
 
+def relaunch_under_torchrun(run: Any, module: str, rdzv_id: str, log: Callable[[str], None] = print) -> NoReturn:
+    """Replace this process by ``torchrun`` running ``python -m <module>`` with the same arguments:
+    ``run.nproc`` processes on this machine, and with ``run.nnodes`` > 1 this machine's share of
+    a run over several, which meet at the c10d rendezvous ``run.rdzv_endpoint`` (every machine
+    runs the same command; torchrun assigns the node ranks; ``run.rdzv_id`` or else ``rdzv_id``
+    names the rendezvous: one per run)."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={run.nproc}"]
+    if run.nnodes > 1:
+        argv += [f"--nnodes={run.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={run.rdzv_endpoint}",
+                 f"--rdzv_id={run.rdzv_id or rdzv_id}"]
+    else:
+        argv.insert(3, "--standalone")
+    argv += ["-m", module, *sys.argv[1:]]
+    where = f" on each of {run.nnodes} machines (rendezvous {run.rdzv_endpoint})" if run.nnodes > 1 else ""
+    log(f"run.nproc = {run.nproc}{where}: relaunching under torchrun")
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. a checkpoint only rank 0's machine holds)."""
     if not info.enabled:
@@ -90,6 +112,12 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def shutdown() -> None:
+    """Leave the process group this process joined, if any (at the end of a ``torchrun`` run)."""
+    if from_env().enabled and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
