@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.common import StageError
-from stages.table import set_variants, slots
+from pipeline.table import set_variants, slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_workers_and_their_devices():
 
 
 def test_only_picks_runs_by_variant_run_or_array_index():
-    from stages.table import pick, runs_of
+    from pipeline.table import pick, runs_of
 
     table = ["sadajem_k5", "softmax", "jem_k20"]
     assert pick(table, ["2"]) == ["jem_k20-1"]
@@ -55,7 +55,7 @@ def test_only_picks_runs_by_variant_run_or_array_index():
 
 
 def test_the_tasks_of_one_slurm_array_share_their_table_run(monkeypatch):
-    from stages.table import default_run_id
+    from pipeline.table import default_run_id
 
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4242")
     assert default_run_id("sadajem_table1") == "sadajem_table1-slurm4242"
@@ -70,7 +70,7 @@ def test_the_printed_link_opens_the_runs_table_filtered_to_the_table_run(tmp_pat
 
     from mlflow.tracking import MlflowClient
 
-    from stages.table import runs_url
+    from pipeline.table import runs_url
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
