@@ -51,7 +51,7 @@ def _tiny(name: str):
 def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monkeypatch):
     """The reference row trains the copy the reference loop holds: over the warm-up and timed
     iterations its weights, running statistics and replay-buffer rows all move."""
-    import jem.bench.cli
+    import jem.bench.speed
     from jem.method.reference import ReferenceLoop
 
     seen: dict[str, object] = {}
@@ -64,14 +64,15 @@ def test_the_reference_row_runs_the_published_loop_of_each_family(variant, monke
         seen["buffer"] = self.buffer.clone()
 
     monkeypatch.setattr(ReferenceLoop, "__init__", spy)
-    row = jem.bench.cli.benchmark(_tiny(variant), jem.bench.cli.torch.device("cpu"), steps=2, warmup=1,
-                              perf=jem.bench.cli.baseline_perf(), n_images=64, label="reference", reference=True)
+    row = jem.bench.speed.benchmark(_tiny(variant), jem.bench.speed.torch.device("cpu"), steps=2, warmup=1,
+                                    perf=jem.bench.speed.baseline_perf(), n_images=64, label="reference",
+                                    reference=True)
     loop = seen["loop"]
     assert row["mode"] == "reference" and row["ms_per_iter"] > 0 and loop.cur_iter == 3
-    moved = [k for k, t in loop.f.state_dict().items() if not jem.bench.cli.torch.equal(t, seen["start"][k])]
+    moved = [k for k, t in loop.f.state_dict().items() if not jem.bench.speed.torch.equal(t, seen["start"][k])]
     assert "head.weight" in moved and "stem.weight" in moved
     assert all(k in moved for k in seen["start"] if k.endswith("running_mean"))  # where the family has BN
-    assert not jem.bench.cli.torch.equal(loop.buffer, seen["buffer"])  # the chains were written back
+    assert not jem.bench.speed.torch.equal(loop.buffer, seen["buffer"])  # the chains were written back
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular", "ignore:invalid value encountered")  # 6 samples, 2048 dims
@@ -145,7 +146,7 @@ def test_stage_times_multiply_the_units_out_to_the_paper_counts():
 
 def test_stage_times_measured_on_this_machine(tmp_path):
     """``--stages`` measures each unit with the stages' own calls and totals a published table."""
-    from jem.bench.cli import markdown_report
+    from jem.bench.markdown import markdown_report
 
     published = tmp_path / "published.yaml"
     published.write_text("t1:\n  title: Table X\n  rows:\n    - {variant: sadajem_k5}\n    - {variant: softmax}\n")
@@ -196,19 +197,20 @@ def test_a_table_on_n_devices_follows_the_table_commands_schedule():
 
 def test_iterations_are_timed_one_by_one_and_summarised_by_the_median(monkeypatch):
     """One disturbed iteration (a shared machine) moves the mean, not the reported median."""
-    import jem.bench.cli
+    import jem.bench.speed
 
     clock = [0.0]
     durations = iter([0.10, 0.11, 0.09, 0.10, 1.50])  # seconds; the last one disturbed
-    monkeypatch.setattr(jem.bench.cli.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(jem.bench.speed.time, "perf_counter", lambda: clock[0])
 
     def step() -> None:
         clock[0] += next(durations)
 
-    times = jem.bench.cli.iteration_times(step, 5, jem.bench.cli.torch.device("cpu"))
+    times = jem.bench.speed.iteration_times(step, 5, jem.bench.speed.torch.device("cpu"))
     assert times == pytest.approx([0.10, 0.11, 0.09, 0.10, 1.50])
-    monkeypatch.setattr(jem.bench.cli, "iteration_times", lambda step, steps, device: times)
-    row = jem.bench.cli.benchmark(_tiny("softmax"), jem.bench.cli.torch.device("cpu"), steps=5, warmup=0, n_images=64)
+    monkeypatch.setattr(jem.bench.speed, "iteration_times", lambda step, steps, device: times)
+    row = jem.bench.speed.benchmark(_tiny("softmax"), jem.bench.speed.torch.device("cpu"), steps=5, warmup=0,
+                                    n_images=64)
     assert row["ms_per_iter"] == pytest.approx(100.0) and row["ms_per_iter_mean"] == pytest.approx(380.0)
     assert row["ms_quartiles"] == pytest.approx([95.0, 805.0])  # statistics.quantiles' default method
     assert row["spread_pct"] == pytest.approx(710.0)

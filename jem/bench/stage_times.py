@@ -5,7 +5,7 @@ work* with the library calls the stage itself makes (same network, batch sizes, 
 attacks, Inception), on the device, and multiplies it out to the stage's counts (the
 ``params.yaml`` sections at the scale, the datasets' split sizes):
 
-* ``train``: whole training iterations (``jem.bench.cli.benchmark`` with ``run.perf: auto``)
+* ``train``: whole training iterations (``jem.bench.speed.benchmark`` with ``run.perf: auto``)
   x iterations per epoch x epochs;
 * ``sample``: one batch of fresh chains (the training p(x) batch, the variant's steps,
   running statistics untouched) x batches, plus the eval-mode forwards that classify the sets;
@@ -104,8 +104,8 @@ def measure_units(variant: Variant, sections: dict[str, dict[str, Any]], device:
                   channels_last: bool = False) -> dict[str, float]:
     """Seconds of each unit of work of ``variant``'s stages on ``device``.
 
-    ``train_s``: seconds per training iteration (``jem.bench.cli.benchmark``); ``inception``: a
-    ``jem.bench.cli.benchmark_fid`` row. ``shared``: units that do not depend on the sampler
+    ``train_s``: seconds per training iteration (``jem.bench.speed.benchmark``); ``inception``: a
+    ``jem.bench.speed.benchmark_fid`` row. ``shared``: units that do not depend on the sampler
     (forwards, OOD passes, PGD, Inception) measured for another variant of the same
     network, reused instead of measured again. ``channels_last``: the model's layout in the
     stages (``run.perf.channels_last``).
