@@ -30,12 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from jem.config.instances import instance_settings
+from jem.config.variant import Variant
 from jem.data.datasets import load_split
-from jem.evaluation.landscape import energy_curve, filter_normalized_direction
-from jem.evaluation.metrics import accuracy, calibration, predict_logits, with_input_noise, with_reestimated_bn
-from jem.evaluation.ood import SCORES, auroc, ood_scores
+from jem.evaluation.landscape import landscape
+from jem.evaluation.metrics import (
+    Calibration,
+    accuracy,
+    calibration,
+    predict_logits,
+    with_input_noise,
+    with_reestimated_bn,
+)
+from jem.evaluation.ood import SCORES, auroc, ood_scores, ood_subset
 from jem.report.figures import plot_landscape, plot_ood_histograms, plot_reliability
 from jem.report.plot_data import write_ood_histograms
 from pipeline.common import StageError, load_params, main_guard, setup_run
@@ -54,9 +63,60 @@ def ood_set(data: Path, role: str, train_role: str, limit: int | None, seed: int
         raise StageError(f"OOD set {role!r}: {path} not found; it is made by {what}, or remove {role!r} "
                          "from evaluate.ood_sets")
     images, _ = load_split(inputs.need(path) if inputs is not None else path)
-    if limit is not None and limit < len(images):
-        images = images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
-    return images, str(path)
+    return ood_subset(images, limit, seed), str(path)
+
+
+def accuracies(model: nn.Module, variant: Variant, x_eval: torch.Tensor, y_test: torch.Tensor, train: Path,
+               inputs: Inputs, batch: int, bins: int, seed: int, device: torch.device
+               ) -> tuple[float, float, Calibration, np.ndarray]:
+    """Accuracy and calibration on the test set, and the accuracy of the same weights with batch-norm
+    statistics averaged over the training split (read here: the landscape's images too), each batch
+    augmented and noised as the labelled batches of training: it agrees with "accuracy" when the
+    running statistics describe labelled data."""
+    logits = predict_logits(model, x_eval, batch_size=batch, device=device)
+    cal = calibration(logits, y_test, n_bins=bins)
+    x_train, _ = load_split(inputs.need(train))
+    recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device, augment=variant.augment,
+                                       input_noise=variant.objective.input_noise, seed=seed)
+    acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
+    del recalibrated
+    return accuracy(logits, y_test), acc_bn, cal, x_train
+
+
+def ood_detection(model: nn.Module, x_test: torch.Tensor, data: Path, role: str, ood_roles: list[str],
+                  limit: int | None, noise: float, seed: int, batch: int, device: torch.device, inputs: Inputs
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
+    """The three scores of (at most ``limit``) test images and of every OOD set; where each came from."""
+    ood_test = ood_subset(x_test, limit, seed)
+    scores = {"test": ood_scores(model, with_input_noise(ood_test, noise, seed), batch, device, progress=True,
+                                 desc="ood test")}
+    sources = {"test": str(data / role / "test.npz")}
+    for ood in ood_roles:
+        images, sources[ood] = ood_set(data, ood, role, limit, seed, inputs)
+        scores[ood] = ood_scores(model, with_input_noise(torch.from_numpy(images), noise, seed + 1), batch, device,
+                                 progress=True, desc=f"ood {ood}")
+    return scores, sources
+
+
+def write_plots(plots: Path, name: str, role: str, cal: Calibration, scores: dict[str, dict[str, np.ndarray]],
+                ood: dict[str, dict[str, float]], alphas: np.ndarray, curve: np.ndarray, n_land: int) -> None:
+    """The reliability diagram, the OOD score histograms and the energy landscape, CSV and PNG."""
+    with building(plots) as tmp:
+        with open(tmp / "reliability.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["bin_low", "bin_high", "confidence", "accuracy", "count"])
+            for i, count in enumerate(cal.bin_count):
+                writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
+                                 cal.bin_accuracy[i], count])
+        plot_reliability(asdict(cal), tmp / "reliability.png", title=f"{name} ({role})")
+        write_ood_histograms(tmp, scores, SCORES)
+        plot_ood_histograms(scores, ood, tmp / "ood_histograms.png", title=f"{name} ({role})")
+        with open(tmp / "landscape.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["alpha", "energy_sum"])
+            writer.writerows(zip(alphas.tolist(), curve.tolist(), strict=True))
+        plot_landscape({name: (alphas, curve)}, tmp / "landscape.png", shared_y=True,
+                       title=f"{name}: sum of E(x) over {n_land} training images")
 
 
 def main() -> None:
@@ -83,8 +143,7 @@ def main() -> None:
     meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
     x_test, y_test = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "test.npz")))
     batch = int(cfg.get("batch_size", 500))
-    limit = cfg.get("ood_max")
-    limit = None if limit is None else int(limit)
+    limit = None if cfg.get("ood_max") is None else int(cfg["ood_max"])
     seed = int(cfg.get("seed", 0))
     ood_roles = list(cfg["ood_sets"])  # resolved: without the training role
 
@@ -94,65 +153,23 @@ def main() -> None:
         run.log_dataset(args.data / role / "test.npz", "testing", x_test.numpy(), y_test.numpy())
         noise = float(cfg["input_noise"])  # evaluate.input_noise of the variant's family
         x_eval = with_input_noise(x_test, noise, seed)
-        logits = predict_logits(model, x_eval, batch_size=batch, device=device)
-        cal = calibration(logits, y_test, n_bins=int(cfg.get("ece_bins", 20)))
-        # the same weights with batch-norm statistics averaged over the training split, each
-        # batch augmented and noised as the labelled batches of training: agrees with
-        # "accuracy" when the running statistics describe labelled data
-        x_train, _ = load_split(inputs.need(args.data / role / "train.npz"))
-        recalibrated = with_reestimated_bn(model, torch.from_numpy(x_train), batch, device, augment=variant.augment,
-                                           input_noise=variant.objective.input_noise, seed=seed)
-        acc_bn = accuracy(predict_logits(recalibrated, x_eval, batch_size=batch, device=device), y_test)
-        del recalibrated
-        metrics: dict = {
-            "variant": variant.name, "seed": run_seed, "status": "ok",
-            "family": variant.family, "dataset": role, "source": meta["source"],
-            "weights": select, "test_images": len(y_test), "input_noise": noise,
-            "accuracy": accuracy(logits, y_test), "ece": cal.ece,
-            "accuracy_bn_reestimated": acc_bn,
-        }
-
-        # ---- OOD detection ------------------------------------------------------------------
-        ood_test = x_test if limit is None or limit >= len(x_test) else x_test[
-            np.sort(np.random.default_rng(seed).choice(len(x_test), limit, replace=False))]
-        scores = {"test": ood_scores(model, with_input_noise(ood_test, noise, seed), batch, device, progress=True,
-                                     desc="ood test")}
-        sources = {"test": str(args.data / role / "test.npz")}
-        for ood in ood_roles:
-            images, sources[ood] = ood_set(args.data, ood, role, limit, seed, inputs)
-            scores[ood] = ood_scores(model, with_input_noise(torch.from_numpy(images), noise, seed + 1), batch, device,
-                                     progress=True, desc=f"ood {ood}")
+        acc, acc_bn, cal, x_train = accuracies(model, variant, x_eval, y_test, args.data / role / "train.npz",
+                                               inputs, batch, int(cfg.get("ece_bins", 20)), seed, device)
+        metrics: dict = {"variant": variant.name, "seed": run_seed, "status": "ok", "family": variant.family,
+                         "dataset": role, "source": meta["source"], "weights": select, "test_images": len(y_test),
+                         "input_noise": noise, "accuracy": acc, "ece": cal.ece, "accuracy_bn_reestimated": acc_bn}
+        scores, sources = ood_detection(model, x_test, args.data, role, ood_roles, limit, noise, seed, batch, device,
+                                        inputs)
         metrics["ood"] = {s: {ood: auroc(scores["test"][s], scores[ood][s]) for ood in ood_roles} for s in SCORES}
         metrics["ood_images"] = {k: len(v["log_px"]) for k, v in scores.items()}
-
-        # ---- energy landscape ---------------------------------------------------------------
         land = cfg.get("landscape") or {}
-        n_land = max(1, round(float(land.get("fraction", 0.1)) * len(x_train)))
-        rng = np.random.default_rng(int(land.get("seed", 0)))
-        land_images = torch.from_numpy(x_train[np.sort(rng.choice(len(x_train), n_land, replace=False))])
-        alphas = np.linspace(-float(land.get("span", 1.0)), float(land.get("span", 1.0)), int(land.get("points", 21)))
-        direction = filter_normalized_direction(model, torch.Generator().manual_seed(int(land.get("seed", 0))))
-        curve = energy_curve(model, land_images, alphas, direction, batch, device)
+        alphas, curve, n_land = landscape(model, x_train, float(land.get("fraction", 0.1)),
+                                          float(land.get("span", 1.0)), int(land.get("points", 21)),
+                                          int(land.get("seed", 0)), batch, device)
         centre = int(np.argmin(np.abs(alphas)))
         metrics["landscape"] = {"images": n_land, "energy_sum_at_theta": float(curve[centre]),
                                 "energy_sum_range": float(curve.max() - curve.min())}
-
-        with building(args.plots) as tmp:
-            with open(tmp / "reliability.csv", "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["bin_low", "bin_high", "confidence", "accuracy", "count"])
-                for i, count in enumerate(cal.bin_count):
-                    writer.writerow([cal.bin_edges[i], cal.bin_edges[i + 1], cal.bin_confidence[i],
-                                     cal.bin_accuracy[i], count])
-            plot_reliability(asdict(cal), tmp / "reliability.png", title=f"{variant.name} ({role})")
-            write_ood_histograms(tmp, scores, SCORES)
-            plot_ood_histograms(scores, metrics["ood"], tmp / "ood_histograms.png", title=f"{variant.name} ({role})")
-            with open(tmp / "landscape.csv", "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["alpha", "energy_sum"])
-                writer.writerows(zip(alphas.tolist(), curve.tolist(), strict=True))
-            plot_landscape({variant.name: (alphas, curve)}, tmp / "landscape.png", shared_y=True,
-                           title=f"{variant.name}: sum of E(x) over {n_land} training images")
+        write_plots(args.plots, variant.name, role, cal, scores, metrics["ood"], alphas, curve, n_land)
         write_metrics(args.metrics, {**metrics, "ood_sources": sources})
         run.log_metrics({"test/accuracy": metrics["accuracy"], "test/ece": metrics["ece"],
                          "test/accuracy_bn_reestimated": acc_bn,

@@ -62,3 +62,16 @@ def energy_curve(model: nn.Module, images: torch.Tensor, alphas: np.ndarray | li
             p.copy_(base[k])
         model.train(was_training)
     return np.asarray(out)
+
+
+def landscape(model: nn.Module, images: np.ndarray, fraction: float, span: float, points: int, seed: int,
+              batch_size: int = 500, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, int]:
+    """The curve over a ``fraction`` of ``images`` (at least one, drawn with ``seed``) at ``points``
+    values of ``alpha`` in ``[-span, span]``, along the direction drawn with the same ``seed``:
+    the alphas, the sums and the number of images."""
+    n = max(1, round(fraction * len(images)))
+    rng = np.random.default_rng(seed)
+    chosen = torch.from_numpy(images[np.sort(rng.choice(len(images), n, replace=False))])
+    alphas = np.linspace(-span, span, points)
+    direction = filter_normalized_direction(model, torch.Generator().manual_seed(seed))
+    return alphas, energy_curve(model, chosen, alphas, direction, batch_size, device), n

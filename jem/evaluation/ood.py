@@ -13,6 +13,8 @@ AUROC treats the in-distribution test set as the positive class (scikit-learn's
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,7 +22,17 @@ from tqdm.auto import tqdm
 
 from jem.data.batches import to_unit_range
 
+T = TypeVar("T", np.ndarray, torch.Tensor)
+
 SCORES = ("log_px", "max_prob", "grad_norm")
+
+
+def ood_subset(images: T, limit: int | None, seed: int) -> T:
+    """At most ``limit`` of ``images`` (an array or a tensor), drawn with ``seed``, in their order: the
+    images scored of the test set and of each OOD set (``evaluate.ood_max``)."""
+    if limit is None or limit >= len(images):
+        return images
+    return images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
 
 
 def ood_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
