@@ -1,6 +1,8 @@
 """The layout of the code as the import graph sees it (grimp, the graph import-linter checks its
 contracts on): no import cycle among the modules of jem/, pipeline/ and stages/, however the contracts in
-pyproject.toml are edited, and the library's root holds packages, not modules."""
+pyproject.toml are edited, the library's root holds packages, not modules, dvc.yaml's code deps are
+the stages' import closures, and the code stays readable in pieces: no function over 80 lines, no
+entry point over 200."""
 
 from __future__ import annotations
 
@@ -103,3 +105,45 @@ def test_the_closure_follows_imports_inside_functions_and_package_inits():
     assert "jem/evaluation/inception.py" not in closure and "stages/report.py" not in closure
     graph.add_import(importer="stages.train", imported="jem.evaluation.inception")
     assert "jem/evaluation/inception.py" in import_closure(graph, "stages.train")
+
+
+# ---- entry points a page, functions a screen ---------------------------------------------------
+MAX_FUNCTION_LINES = 80  # a def from its first line to its last, docstring and nested defs included
+MAX_STAGE_LINES = 200
+
+
+def long_functions(folders: tuple[str, ...] = ("jem", "pipeline", "stages"),
+                   limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (n lines)`` for every function or method longer than ``limit`` lines."""
+    import ast
+
+    found = []
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > limit:
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function a reader can hold at once; a longer one is split where its steps are."""
+    assert long_functions() == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert long_functions(("pkg",)) == [f"pkg/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_stages_hold_entry_points_of_a_page_each():
+    """stages/ holds the entry points only: each at most a page, the library and the pipeline layer
+    elsewhere (the import-linter contracts say which imports which)."""
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "stages").glob("*.py")}
+    assert {name for name, n in sizes.items() if n > MAX_STAGE_LINES} == set()
+    assert sum(sizes.values()) <= 1500
