@@ -31,8 +31,8 @@ VARIANT = {"family": "jem", "optim": {"sam": "sam", "rho": 0.05, "name": "sgd", 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    shutil.copytree(ROOT / "stages", root / "stages")
-    shutil.copytree(ROOT / "jem", root / "jem")
+    for package in ("stages", "pipeline", "jem"):
+        shutil.copytree(ROOT / package, root / package)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["scale"] = "tiny"
     params["scales"]["tiny"]["variant"]["train"].update(epochs=2, log_every=2, checkpoint_every=3)
