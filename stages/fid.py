@@ -36,7 +36,7 @@ import torch
 
 from jem.config.instances import instance_settings
 from jem.config.settings import PROTOCOLS
-from jem.data.datasets import load_split
+from jem.data.datasets import load_split, subset_indices
 from jem.evaluation.inception import (
     GaussianStats,
     InceptionUnavailable,
@@ -88,8 +88,9 @@ def reference(args: argparse.Namespace) -> None:
             parts.append(load_split(inputs.need(path))[0])
         images = np.concatenate(parts)
         limit = cfg.get("reference_max")
-        if limit is not None and int(limit) < len(images):
-            images = images[np.sort(np.random.default_rng(0).choice(len(images), int(limit), replace=False))]
+        idx = subset_indices(len(images), None if limit is None else int(limit), 0)
+        if idx is not None:
+            images = images[idx]
         info: dict[str, Any] = {"role": meta["role"], "source": meta["source"], "splits": splits, "images": len(images)}
         with building(args.out) as tmp:
             try:

@@ -23,6 +23,7 @@ from jem.data.datasets import (
     load_split,
     load_torchvision,
     save_split,
+    subset_indices,
     train_val_split,
 )
 from jem.data.synthetic import make_clouds, make_gratings, make_shapes
@@ -37,10 +38,8 @@ TEST_SEED_OFFSET = 10_000
 
 
 def _subsample(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if n is None or n >= len(images):
-        return images, labels
-    idx = np.sort(np.random.default_rng(seed).choice(len(images), size=n, replace=False))
-    return images[idx], labels[idx]
+    idx = subset_indices(len(images), n, seed)
+    return (images, labels) if idx is None else (images[idx], labels[idx])
 
 
 def make_splits(spec: dict, root: Path, download: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:

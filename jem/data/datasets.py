@@ -192,6 +192,15 @@ def interpolate_pairs(images: np.ndarray, n: int | None = None, seed: int = 0) -
     return out
 
 
+def subset_indices(total: int, limit: int | None, seed: int) -> np.ndarray | None:
+    """The sorted positions of ``limit`` of ``total`` items, drawn without replacement by a generator
+    seeded with ``seed``: how a prepared split, the FID reference and the evaluated test and OOD sets
+    are cut down. None when ``limit`` keeps every item (None, or not below ``total``)."""
+    if limit is None or limit >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=limit, replace=False))
+
+
 def train_val_split(labels: np.ndarray, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sorted, disjoint index arrays (train_idx, val_idx) covering ``range(len(labels))``.
 

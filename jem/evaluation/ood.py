@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from jem.data.batches import to_unit_range
+from jem.data.datasets import subset_indices
 
 T = TypeVar("T", np.ndarray, torch.Tensor)
 
@@ -30,9 +31,8 @@ SCORES = ("log_px", "max_prob", "grad_norm")
 def ood_subset(images: T, limit: int | None, seed: int) -> T:
     """At most ``limit`` of ``images`` (an array or a tensor), drawn with ``seed``, in their order: the
     images scored of the test set and of each OOD set (``evaluate.ood_max``)."""
-    if limit is None or limit >= len(images):
-        return images
-    return images[np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))]
+    idx = subset_indices(len(images), limit, seed)
+    return images if idx is None else images[idx]
 
 
 def ood_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 500,

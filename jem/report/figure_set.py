@@ -5,7 +5,6 @@ y-axis)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,14 +13,10 @@ from typing import Any
 import numpy as np
 
 from jem.report.figures import plot_landscape, plot_robustness
+from jem.report.plot_data import read_rows
 from jem.report.runs import Runs
 
 SAMPLE_GRIDS = ("conditional", "buffer", "fresh", "best_px", "worst_px", "best_pyx", "worst_pyx")
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -50,14 +45,14 @@ def figures(runs: Runs, plots: Path, samples: Path, out: Path) -> list[str]:
         copy(plots / "eval" / v / run / "ood_histograms.png", f"ood_histograms_{v}.png")
         land = plots / "eval" / v / run / "landscape.csv"
         if land.exists():
-            rows = _read_csv(land)
+            rows = read_rows(land)
             landscapes[v] = (np.array([float(r["alpha"]) for r in rows]),
                              np.array([float(r["energy_sum"]) for r in rows]))
         else:
             missing.append(str(land))
         rob = plots / "robustness" / v / run / "curve.csv"
         if rob.exists():
-            for r in _read_csv(rob):
+            for r in read_rows(rob):
                 radii, accs = curves.setdefault(r["attack"], {}).setdefault(v, ([], []))
                 radii.append(float(r["radius"]))
                 accs.append(float(r["accuracy"]))

@@ -45,7 +45,8 @@ def write_ood_histograms(folder: Path, scores: dict[str, dict[str, np.ndarray]],
                 writer.writerow([0.5 * (edges[i] + edges[i + 1]), *(float(d[i]) for d in dens.values())])
 
 
-def _read(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV the stages wrote (learning curves, landscape, robustness curve), one dict per row."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
@@ -81,7 +82,7 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
 
     def load(path: Path) -> list[dict[str, str]]:
         if path.exists():
-            return _read(path)
+            return read_rows(path)
         missing.append(str(path))
         return []
 
@@ -129,7 +130,7 @@ def write_variant_tables(plots: Path, variants: list[str], out: Path, ood_sets: 
             with open(hist / f"{v}_{path.stem.removeprefix('ood_')}.csv", "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", restval="")
                 writer.writeheader()
-                writer.writerows(_read(path))
+                writer.writerows(read_rows(path))
     return missing
 
 
