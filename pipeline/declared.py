@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from jem.config.instances import plain
+from jem.runtime.files import read_json
 from pipeline.common import StageError
 
 
@@ -105,7 +106,7 @@ class Inputs:
         if not path.exists():
             raise StageError(f"{path} not found; run dvc repro (stages inputs_data and inputs_fid write it "
                              "before this stage)")
-        self.files = json.loads(path.read_text())["files"]
+        self.files = read_json(path, "dvc repro")["files"]
         for name, digest in self.files.items():
             if not Path(name).exists():
                 raise StageError(f"{name} (listed in {path}) is missing; run dvc repro")

@@ -7,17 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jem.runtime.files import DiskFull, atomic_write, is_disk_full, read_json
+
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def notes_path(metrics: Path) -> Path:
@@ -66,24 +64,33 @@ def read_metrics(path: Path) -> dict[str, Any] | None:
     """What ``write_metrics`` wrote to ``path`` and its notes, as one dict (None when not written)."""
     if not path.exists():
         return None
-    numbers = json.loads(path.read_text())
+    numbers = read_json(path)
     notes = notes_path(path)
-    return _join(numbers, json.loads(notes.read_text())) if notes.exists() else numbers
+    return _join(numbers, read_json(notes)) if notes.exists() else numbers
 
 
 
 def swap_in(tmp: Path, out: Path) -> None:
-    """Replace the folder ``out`` by the finished folder ``tmp`` (nothing partial is ever left at ``out``)."""
+    """Replace the folder ``out`` by the finished folder ``tmp``: the old one is renamed aside first
+    and removed last, so ``out`` is at every moment the old folder or the new one, never a mix."""
     import shutil
 
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():  # left by a crash between the two renames below
+        shutil.rmtree(old)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
 def building(out: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out`` to write into; swapped in for ``out`` only on success."""
+    """A temporary folder beside ``out`` to write into; swapped in for ``out`` only on success.
+
+    When the disk fills while it is written, the partial folder is removed, ``out`` keeps what it
+    held, and the error (``DiskFull``) is one line naming ``out`` and what had been written."""
     import shutil
     import tempfile
 
@@ -92,6 +99,12 @@ def building(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         swap_in(tmp, out)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        kept = f"the previous {out.name}/ is kept" if out.exists() else "nothing was left there"
+        raise DiskFull(out, written, kept) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -3,13 +3,13 @@ layout they run in (also fid's Inception network)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from jem.config.params import split_run
+from jem.runtime.files import read_json
 from pipeline.common import StageError
 from pipeline.outputs import building, write_json, write_metrics
 from pipeline.tracking import mlflow_run
@@ -30,7 +30,7 @@ def stage_run(kind: str, variant: str, seed: int | None) -> str:
 def diverged(model_dir: Path) -> dict[str, Any] | None:
     """What ``train`` recorded when the run stopped at a divergence with recovery off (else None)."""
     path = model_dir / "diverged.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, "its train stage") if path.exists() else None
 
 
 def diverged_line(info: dict[str, Any]) -> str:

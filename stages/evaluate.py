@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from jem.evaluation.metrics import (
 from jem.evaluation.ood import SCORES, auroc, ood_scores, ood_subset
 from jem.report.figures import plot_landscape, plot_ood_histograms, plot_reliability
 from jem.report.plot_data import write_ood_histograms
+from jem.runtime.files import read_json
 from pipeline.common import StageError, load_params, main_guard, setup_run
 from pipeline.declared import Inputs, check_settings
 from pipeline.outputs import building, write_metrics
@@ -140,7 +140,7 @@ def main() -> None:
         return
     model, variant, select = load_selected(args.model, "evaluate", str(cfg["select"]), device, params)
     role = variant.dataset
-    meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
+    meta = read_json(inputs.need(args.data / role / "meta.json"))
     x_test, y_test = (torch.from_numpy(a) for a in load_split(inputs.need(args.data / role / "test.npz")))
     batch = int(cfg.get("batch_size", 500))
     limit = None if cfg.get("ood_max") is None else int(cfg["ood_max"])

@@ -27,7 +27,6 @@ release URL. When neither is available, both stages finish and record the metric
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from jem.evaluation.inception import (
     score_protocol,
 )
 from jem.runtime.checkpoint import load_arrays
+from jem.runtime.files import read_json
 from pipeline.common import StageError, load_params, main_guard, setup_run
 from pipeline.declared import Inputs, check_settings
 from pipeline.outputs import building, write_json, write_metrics
@@ -72,7 +72,7 @@ def reference(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
     inputs = Inputs(args.inputs)
-    meta = json.loads(inputs.need(args.data / "meta.json").read_text())
+    meta = read_json(inputs.need(args.data / "meta.json"))
     cfg = check_settings(args.config, instance_settings(params, "fid_ref", meta["role"]))
     splits = list(cfg["reference_splits"])
     with mlflow_run(f"fid_ref@{meta['role']}", params, {"dataset": meta["role"]}) as run:
@@ -127,7 +127,7 @@ def score_set(feats: np.ndarray, logits: np.ndarray, ref: GaussianStats, pred: n
 def score(args: argparse.Namespace) -> None:
     params = load_params()
     device = setup_run(params)
-    info = json.loads((args.samples / "info.json").read_text())
+    info = read_json(args.samples / "info.json")
     name, seed = info["variant"], info.get("seed")
     cfg = check_settings(args.config, instance_settings(params, "fid", name))
     inputs = Inputs(args.inputs)
@@ -144,7 +144,7 @@ def score(args: argparse.Namespace) -> None:
             samples = load_arrays(args.samples / "samples.npz",
                                   writer=f"its sample stage ({stage_run('sample', name, seed)})")
             role = info["dataset"]
-            ref_info = json.loads(inputs.need(args.ref / role / "info.json").read_text())
+            ref_info = read_json(inputs.need(args.ref / role / "info.json"))
             if ref_info["status"] != "ok":
                 metrics.update(status="unavailable", reason=ref_info["reason"])
             else:

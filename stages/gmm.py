@@ -10,7 +10,6 @@ train_sadajem.py fits all 50,000 images; ``jem.method.gmm``). Writes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from jem.config.instances import instance_settings
 from jem.data.datasets import load_split
 from jem.method.gmm import GaussianMixture, compute_mixture_stats, save_mixture_stats
 from jem.report.figures import save_grid
+from jem.runtime.files import read_json
 from pipeline.common import StageError, load_params, main_guard
 from pipeline.declared import check_settings
 from pipeline.tracking import mlflow_run
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params()
-    meta = json.loads((args.data / "meta.json").read_text())
+    meta = read_json(args.data / "meta.json")
     if not meta.get("num_classes"):
         raise StageError(f"{args.data} has no class labels ({meta['source']}); gmm needs a training dataset")
     cfg = check_settings(args.config, instance_settings(params, "gmm", meta["role"]))

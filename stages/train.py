@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +35,7 @@ from jem.method.train import Trainer
 from jem.report.figures import plot_learning_curves
 from jem.runtime import distributed
 from jem.runtime.checkpoint import CheckpointDir
+from jem.runtime.files import read_json
 from pipeline.common import StageError, load_params, main_guard, setup_run
 from pipeline.declared import Inputs, check_settings
 from pipeline.outputs import building, write_json, write_metrics
@@ -73,7 +73,7 @@ def load_data(args: argparse.Namespace, inputs: Inputs, variant: Variant) -> tup
         dict[str, Any], torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, MixtureStats | None]:
     """The split's metadata, training images and labels, validation split (if any) and mixture statistics."""
     role = variant.dataset
-    meta = json.loads(inputs.need(args.data / role / "meta.json").read_text())
+    meta = read_json(inputs.need(args.data / role / "meta.json"))
     if int(meta["num_classes"]) != variant.model.num_classes:
         raise StageError(f"{args.data / role} has {meta['num_classes']} classes, datasets.{role}.<scale>.num_classes "
                          f"says {variant.model.num_classes}; correct params.yaml")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jem.config.errors import InputError
-from jem.runtime.checkpoint import atomic_write
+from jem.runtime.files import atomic_write
 
 
 class DatasetUnavailable(InputError):

@@ -27,7 +27,6 @@ the metric as unavailable; nothing here ever invents a number.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from jem.config.errors import InputError
 from jem.config.settings import PROTOCOLS
 from jem.data.batches import to_unit_range
 from jem.runtime.checkpoint import load_arrays
+from jem.runtime.files import atomic_write, file_sha256
 
 # pytorch_fid.inception.FID_WEIGHTS_URL (pytorch-fid and torchvision are imported only where the
 # network is built: they cost seconds at start-up, and most runs of the fid stages need neither)
@@ -115,14 +115,6 @@ class FIDInception(nn.Module):
         return pool, pool @ n.fc.weight.T  # no bias: the published IS's logits
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_fid_inception(weights: str | os.PathLike[str], download: bool = False,
                        device: torch.device | str = "cpu", check_hash: bool = True) -> FIDInception:
     """The FID Inception with its standard weights, from ``weights`` (a file path).
@@ -145,7 +137,7 @@ def load_fid_inception(weights: str | os.PathLike[str], download: bool = False,
             raise InceptionUnavailable(f"Inception weights not found at {path} and the download of "
                                        f"{FID_WEIGHTS_URL} failed ({reason})") from exc
     if check_hash:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
             raise InceptionUnavailable(f"{path} is not pytorch-fid's Inception weights (sha256 {digest[:8]}..., "
                                        f"expected {FID_WEIGHTS_SHA256_PREFIX}...); replace it with "
@@ -201,12 +193,8 @@ class GaussianStats:
     n: int
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.array(self.n))
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.array(self.n)),
+                     size=self.mu.nbytes + self.sigma.nbytes + 1024)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GaussianStats:

@@ -5,7 +5,6 @@ y-axis)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ import numpy as np
 from jem.report.figures import plot_landscape, plot_robustness
 from jem.report.plot_data import read_rows
 from jem.report.runs import Runs
+from jem.runtime.files import read_json
 
 SAMPLE_GRIDS = ("conditional", "buffer", "fresh", "best_px", "worst_px", "best_pyx", "worst_pyx")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def figures(runs: Runs, plots: Path, samples: Path, out: Path) -> list[str]:

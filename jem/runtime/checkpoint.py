@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from jem.config.errors import InputError
+from jem.runtime.files import DiskFull, atomic_write
 
 
 class CorruptCheckpoint(InputError):
@@ -67,29 +67,11 @@ def load_arrays(path: str | os.PathLike[str], writer: str = "the stage that writ
     return out
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file in ``path``'s folder, fsync it, then rename it over ``path``.
-
-    A reader (or a crash) never sees a partially written file at ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` through ``atomic_write``."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    """``torch.save`` through ``atomic_write`` (into memory first, so a full disk can say the size)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def capture_rng() -> dict[str, Any]:
@@ -135,7 +117,7 @@ def save_verified(obj: Any, path: str | os.PathLike[str]) -> None:
         fh.write(hashlib.sha256(payload).digest())
         fh.write(payload)
 
-    atomic_write(path, write)
+    atomic_write(path, write, size=_HEADER + len(payload))
 
 
 def load_verified(path: str | os.PathLike[str]) -> Any:
@@ -172,7 +154,12 @@ class CheckpointDir:
 
     def save(self, state: Any, step: int) -> Path:
         path = self.folder / f"step-{step:09d}.pt"
-        save_verified(state, path)
+        try:
+            save_verified(state, path)
+        except DiskFull as exc:  # the checkpoints before it are all still there
+            kept = self.paths()
+            raise DiskFull(path, exc.needed, f"the last checkpoint {kept[-1].name} is kept" if kept else
+                           "no checkpoint was written yet", exact=exc.exact) from exc
         for old in self.paths()[:-self.keep]:
             old.unlink()
         return path
