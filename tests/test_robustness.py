@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from jem.config.variant import SamplerConfig
-from jem.evaluation.robustness import Purified, bpda_eot_accuracy, make_attack, pgd_accuracy, pgd_examples
+from jem.evaluation.robustness import (
+    ON_UNIT_INTERVAL,
+    Purified,
+    bpda_eot_accuracy,
+    make_attack,
+    pgd_accuracy,
+    pgd_examples,
+)
 from jem.method.samplers import sample
 
 
@@ -25,6 +32,20 @@ def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     level = torch.where(y == 1, 0.15, -0.15) + 0.1 * (torch.rand(n, generator=g) - 0.5)
     x = level.view(n, 1, 1, 1).expand(n, 3, 4, 4) + 0.02 * torch.randn(n, 3, 4, 4, generator=g)
     return x.clamp(-1, 1), y
+
+
+def test_foolbox_preprocessing_feeds_the_model_exactly_what_our_predictions_do():
+    """The attacks see the network through foolbox's ``(x - 0.5) / 0.5``; the accounting predicts with
+    ``2 x - 1``: the same inputs to the last bit, so an attack's success is judged on the model it attacked."""
+    import foolbox as fb
+
+    seen: list[torch.Tensor] = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2)).eval()
+    model.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    x01 = torch.rand(256, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    fmodel = fb.PyTorchModel(model, device="cpu", **ON_UNIT_INTERVAL)
+    assert torch.equal(fmodel(x01), model(2 * x01 - 1))
+    assert torch.equal(seen[0], seen[1]) and seen[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

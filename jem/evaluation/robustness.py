@@ -1,8 +1,8 @@
 """Adversarial robustness: white-box PGD (foolbox 3) and BPDA+EOT against sampler purification.
 
-Models take images in [-1, 1]; attacks work in pixel space [0, 1] (``UnitInterval`` maps
-one to the other), so an L-inf radius of ``8/255`` means eight grey levels, as in the
-papers, and an L2 radius is measured on [0, 1] images.
+Models take images in [-1, 1]; attacks work in pixel space [0, 1] (foolbox's own preprocessing,
+``(x - 0.5) / 0.5``, maps one to the other: ``ON_UNIT_INTERVAL``), so an L-inf radius of
+``8/255`` means eight grey levels, as in the papers, and an L2 radius is measured on [0, 1] images.
 
 * ``pgd_accuracy``: foolbox's ``LinfPGD`` / ``L2PGD`` (random start) at each radius of a
   sweep; robust accuracy = the fraction of images still classified correctly. With
@@ -46,15 +46,9 @@ def purification_sampler(base: SamplerConfig, bpda: dict[str, Any]) -> SamplerCo
     return without_bn_updates(cfg)
 
 
-class UnitInterval(nn.Module):
-    """``model`` seen from [0, 1] images: ``f(2 x - 1)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(2 * x - 1)
+# foolbox's model arguments for a network on [-1, 1] attacked on [0, 1] images: ``(x - 0.5) / 0.5``
+# is ``2 x - 1`` to the last bit (scaling by a power of two is exact), as the predictions below compute it
+ON_UNIT_INTERVAL: dict[str, Any] = {"bounds": (0, 1), "preprocessing": {"mean": 0.5, "std": 0.5}}
 
 
 class _Identity(torch.autograd.Function):
@@ -194,7 +188,7 @@ def pgd_examples(model: nn.Module, x01: torch.Tensor, labels: torch.Tensor, norm
     import foolbox as fb
 
     device = x01.device
-    fmodel = fb.PyTorchModel(UnitInterval(model).train(model.training), bounds=(0, 1), device=device)
+    fmodel = fb.PyTorchModel(model, device=device, **ON_UNIT_INTERVAL)
     attack = make_attack(norm, steps, rel_stepsize, abs_stepsize=abs_stepsize, track_iterates=fooled is not None)
     _, clipped, _ = attack(fmodel, x01, labels.to(device), epsilons=list(epsilons))
     if fooled is not None:
@@ -252,7 +246,7 @@ def bpda_eot_accuracy(model: nn.Module, sampler: SamplerConfig, images: torch.Te
     was_training = model.training
     model.eval()
     defended = Purified(model, sampler, chains=chains, input_noise=input_noise).eval()
-    fmodel = fb.PyTorchModel(UnitInterval(defended).eval(), bounds=(0, 1), device=device)
+    fmodel = fb.PyTorchModel(defended, device=device, **ON_UNIT_INTERVAL)
     attack = make_attack(norm, steps, rel_stepsize, eot=max(1, eot))
     correct = np.zeros(len(epsilons))
     try:
