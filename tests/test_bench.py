@@ -12,6 +12,11 @@ from jem.bench.cli import main
 PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
+def _cells(markdown: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``markdown``, padding stripped."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+
+
 def test_side_by_side_training_rows_and_report(tmp_path):
     report, out = tmp_path / "performance.md", tmp_path / "bench.json"
     rc = main(["--params", PARAMS, "--variant", "softmax", "--device", "cpu", "--batch", "4", "--steps", "1",
@@ -27,11 +32,15 @@ def test_side_by_side_training_rows_and_report(tmp_path):
     assert rows[1]["perf"]["channels_last"] is False and rows[2]["perf"]["channels_last"] is True
     assert [r["perf"]["grouped_passes"] for r in rows] == [False, False, True]  # --perf sets the fast mode's
     text = report.read_text()
-    assert "## Training" in text and "| softmax | baseline |" in text and "| softmax | fast |" in text
+    cells = _cells(text)
+    assert "## Training" in text and "## FID" not in text
+    assert ["variant", "mode", "model", "batch / p(x)", "sampler", "SAM", "ms/iter", "IQR %", "img/s", "min/epoch*",
+            "TFLOP/s", "peak MB"] in cells
+    assert [c[:2] for c in cells if c[0] == "softmax" and len(c) == 12] == [
+        ["softmax", "reference"], ["softmax", "baseline"], ["softmax", "fast"]]
     ms = {r["mode"]: r["ms_per_iter"] for r in rows}
     ratios = (ms["reference"] / ms["fast"], ms["baseline"] / ms["fast"], ms["baseline"] / ms["reference"])
-    assert f"| softmax | **{ratios[0]:.2f}x** | {ratios[1]:.2f}x | {ratios[2]:.3f} |" in text
-    assert "| softmax | reference |" in text and "## FID" not in text
+    assert ["softmax", f"**{ratios[0]:.2f}x**", f"{ratios[1]:.2f}x", f"{ratios[2]:.3f}"] in cells
 
 
 def _tiny(name: str):
@@ -88,7 +97,7 @@ def test_fid_timing_of_the_fid_stages_work(tmp_path):
     per_sample = (fid["features_s"] + fid["stats_is_s"]) / 6
     assert abs(fid["projected_50k_s"] - (50_000 * per_sample + fid["frechet_s"])) < 1e-6 * fid["projected_50k_s"]
     text = report.read_text()
-    assert "## FID and IS" in text and "## Training" not in text and "| 6 |" in text
+    assert "## FID and IS" in text and "## Training" not in text and [c[0] for c in _cells(text)][2:] == ["6"]
 
 
 def test_bad_arguments_are_one_line(tmp_path, capsys):
@@ -178,8 +187,10 @@ def test_stage_times_measured_on_this_machine(tmp_path):
     assert table["wall_s"]["2"] == pytest.approx(max(k5["train_s"], soft["train_s"]) + ref
                                                  + max(k5["other_s"], soft["other_s"]))
     text = markdown_report([], "jem-bench --stages", None, st)
-    assert "## Stage times at the demo scale: sadajem_k5" in text and "| robustness | PGD: " in text
-    assert "| Table X (`t1`) | 2 |" in text and "| softmax |" in text
+    cells = _cells(text)
+    assert "## Stage times at the demo scale: sadajem_k5" in text
+    assert any(c[0] == "robustness" and c[1].startswith("PGD: ") for c in cells)
+    assert ["Table X (`t1`)", "2"] in [c[:2] for c in cells] and "softmax" in [c[0] for c in cells]
     assert "Stages that take longer than training:" in text
 
 
@@ -215,3 +226,54 @@ def test_iterations_are_timed_one_by_one_and_summarised_by_the_median(monkeypatc
     assert row["ms_quartiles"] == pytest.approx([95.0, 805.0])  # statistics.quantiles' default method
     assert row["spread_pct"] == pytest.approx(710.0)
     assert row["images_per_s"] == pytest.approx(4 / 0.1)
+
+
+def test_iteration_flops_count_forward_and_backward_exactly():
+    """FlopCounterMode's count, by hand: a product of an (n x i) and an (i x o) matrix is 2nio FLOPs,
+    forward, for the weights' gradient and for the input's; a sampler step's gradient (w.r.t. a
+    leaf input only, the case the module tracker breaks) costs one more forward."""
+    import torch
+    from torch import nn
+
+    from jem.bench.speed import iteration_flops
+
+    n, i, o = 5, 6, 4
+    linear, x = nn.Linear(i, o), torch.randn(n, i)
+    assert iteration_flops(lambda: linear(x)) == 2 * n * i * o
+    assert iteration_flops(lambda: linear(x).sum().backward()) == 2 * (2 * n * i * o)  # no input gradient
+    assert iteration_flops(lambda: linear(x.requires_grad_()).sum().backward()) == 3 * (2 * n * i * o)
+    conv, image = nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 5, 5)
+    forward = 2 * (2 * 8 * 5 * 5) * (3 * 3 * 3)  # 2 x outputs x (in-channels x kernel) MACs each
+    assert iteration_flops(lambda: conv(image)) == forward
+    conv.requires_grad_(False)
+    leaf = image.clone().requires_grad_()
+    assert iteration_flops(lambda: torch.autograd.grad(conv(leaf).sum(), [leaf])) == 2 * forward
+
+
+def test_the_flop_rate_counts_every_sampler_step_and_sams_second_pass():
+    """The TFLOP/s column divides a counted iteration: each further SGLD step adds one forward and
+    one input-gradient backward of the p(x) batch, and SAM repeats the loss passes."""
+    import torch
+
+    from jem.bench.speed import benchmark, iteration_flops
+    from jem.config.variant import Variant
+    from jem.method.models import WideResNet
+
+    def counted(name: str, **changes: dict[str, object]) -> int:
+        d = _tiny(name).to_dict()
+        for block, values in changes.items():
+            d[block].update(values)
+        row = benchmark(Variant.from_dict(d), torch.device("cpu"), steps=1, warmup=1, n_images=64)
+        assert row["tflops"] == pytest.approx(row["flops_per_iter"] / (row["ms_per_iter"] / 1e3) / 1e12)
+        return row["flops_per_iter"]
+
+    variant = _tiny("jem_k20")
+    model = WideResNet(variant.model)
+    size = variant.model.image_size
+    with torch.no_grad():
+        image = iteration_flops(lambda: model(torch.zeros(1, 3, size, size)))
+    k1, k2, k5 = (counted("jem_k20", sampler={"steps": k}) for k in (1, 2, 5))
+    sampler_step = variant.train.px_batch_size * 2 * image
+    assert k2 - k1 == sampler_step and k5 - k2 == 3 * sampler_step
+    loss_passes = k1 - sampler_step  # labelled, x+ and x-: forward and both gradients
+    assert counted("jem_k20", sampler={"steps": 1}, optim={"sam": "sam"}) == k1 + loss_passes

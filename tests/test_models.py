@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from jem.config.variant import ModelConfig
-from jem.method.models import WideResNet, count_flops, energy, energy_from_logits
+from jem.method.models import WideResNet, energy, energy_from_logits
 
 
 def expected_parameters(depth: int, k: int, classes: int, batch_norm: bool) -> int:
@@ -58,8 +59,11 @@ def test_wrn_28_10_is_the_papers_size():
 
 @pytest.mark.parametrize("depth,k,size,classes", [(28, 10, 32, 10), (10, 1, 8, 3), (16, 2, 16, 5)])
 def test_flop_count_matches_the_recipe(depth, k, size, classes):
+    """FlopCounterMode (what jem-bench counts iterations with) on a forward of 3 images."""
     model = WideResNet(ModelConfig(depth=depth, width=k, image_size=size, num_classes=classes))
-    assert count_flops(model) == expected_flops(depth, k, size, classes)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(3, 3, size, size))
+    assert counter.get_total_flops() == 3 * expected_flops(depth, k, size, classes)
 
 
 def test_forward_shapes_norms_and_energy():

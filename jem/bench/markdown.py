@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tabulate import tabulate
 
 GPU_COMMAND = "jem-bench --device cuda --compare --fid 50000 --stages --report reports/performance.md"
 
@@ -19,20 +20,28 @@ def format_fid(r: dict[str, Any]) -> str:
             f"{r['projected_50k_s']:.0f} s; peak {r['peak_memory_mb']:.0f} MB ({r['memory_kind']})")
 
 
+TRAINING_COLUMNS = ("variant", "mode", "model", "batch / p(x)", "sampler", "SAM", "ms/iter", "IQR %", "img/s",
+                    "min/epoch*", "TFLOP/s", "peak MB")
+
+
+def _training_cells(r: dict[str, Any]) -> list[str]:
+    return [r["variant"], r["mode"], r["model"], f"{r['batch']}/{r['px_batch']}", r["sampler"], r["sam"],
+            f"{r['ms_per_iter']:.1f}", f"{r['spread_pct']:.1f}", f"{r['images_per_s']:.1f}",
+            f"{r['epoch_min_cifar10']:.2f}", f"{r['tflops']:.3f}", f"{r['peak_memory_mb']:.0f}"]
+
+
+def _table(head: tuple[str, ...], rows: list[list[Any]], align: str) -> list[str]:
+    """A Markdown table in tabulate's pipe format (as the report's tables), ``align`` one letter per
+    column (``l``, ``r``), and the blank line after it."""
+    colalign = [{"l": "left", "r": "right"}[a] for a in align]
+    return [tabulate(rows, head, tablefmt="pipe", colalign=colalign, disable_numparse=True), ""]
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The timed rows as the console's fixed-width table."""
-    head = ("variant", "mode", "model", "batch", "sampler", "sam", "ms/iter", "IQR %", "img/s", "min/epoch*",
-            "TFLOP/s", "peak MB")
-    lines = ["  ".join(f"{h:>12}" for h in head)]
-    for r in rows:
-        cells = (r["variant"], r["mode"], r["model"], f"{r['batch']}/{r['px_batch']}", r["sampler"], r["sam"],
-                 f"{r['ms_per_iter']:.1f}", f"{r['spread_pct']:.1f}", f"{r['images_per_s']:.1f}",
-                 f"{r['epoch_min_cifar10']:.2f}",
-                 f"{r['tflops']:.3f}", f"{r['peak_memory_mb']:.0f}")
-        lines.append("  ".join(f"{c:>12}" for c in cells))
-    lines.append("ms/iter: median of the timed iterations; IQR %: interquartile range / median; "
-                 "* projected minutes per CIFAR-10 epoch (50,000 images / labelled batch x ms/iter)")
-    return "\n".join(lines)
+    """The timed rows as the console's table."""
+    return (tabulate([_training_cells(r) for r in rows], TRAINING_COLUMNS, stralign="right", disable_numparse=True)
+            + "\nms/iter: median of the timed iterations; IQR %: interquartile range / median; "
+            "* projected minutes per CIFAR-10 epoch (50,000 images / labelled batch x ms/iter)")
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,11 +87,10 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
         "fid_ref count the Inception passes they make with the weights in place (without them both record "
         "IS/FID as unavailable in seconds).",
         "",
-        "| stage | work | projected wall time |",
-        "|---|---|---:|",
     ]
-    lines += [f"| {t['stage']} | {t['work']} | {hms(t['seconds'])} |" for t in r["stages"]]
-    lines += [f"| **all stages of {r['variant']}** | | **{hms(r['total_s'])}** |", ""]
+    lines += _table(("stage", "work", "projected wall time"),
+                    [[t["stage"], t["work"], hms(t["seconds"])] for t in r["stages"]]
+                    + [[f"**all stages of {r['variant']}**", "", f"**{hms(r['total_s'])}**"]], "llr")
     units = [f"training iteration {1e3 * u['train_iter']:.1f} ms (run.perf: {r['perf']})",
              f"fresh-chain batch {1e3 * u['chain_batch']:.1f} ms",
              f"eval forward {1e3 * u['forward_image']:.3f} ms/image",
@@ -103,29 +111,28 @@ def _stages_section(r: dict[str, Any], command: str) -> list[str]:
                   "stages.table --devices ...` hands them out: the trainings, then the FID reference statistics "
                   "once per dataset, then each variant's sample, evaluate, fid and robustness "
                   "(`jem/bench/stage_times.py` `table_wall_time`). The data stages and the report, seconds "
-                  "next to these, are not counted.", "",
-                  "| table | runs (variants x seeds) | 1 device | 2 | 4 | 8 | one per run | longest variant |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "next to these, are not counted.", ""]
+        cells = []
         for tab in r["tables"]:
-            wall = tab["wall_s"]
-            n = int(tab.get("runs", len(tab["rows"])))  # variants x seeds
+            wall, n = tab["wall_s"], int(tab.get("runs", len(tab["rows"])))  # n: variants x seeds
             longest = max(tab["rows"], key=lambda v: v["total_s"])
-            lines.append(f"| {tab['title']} (`{tab['name']}`) | {n} | {hms(wall['1'])} | {hms(wall['2'])} | "
-                         f"{hms(wall['4'])} | {hms(wall['8'])} | {hms(wall[str(n)])} ({n} devices) | "
-                         f"{longest['variant']}: {hms(longest['total_s'])} |")
-        lines += ["", "Training iterations and the sampler's units (fresh chains, BPDA+EOT) are measured for every "
+            cells.append([f"{tab['title']} (`{tab['name']}`)", n, *(hms(wall[k]) for k in ("1", "2", "4", "8")),
+                          f"{hms(wall[str(n)])} ({n} devices)", f"{longest['variant']}: {hms(longest['total_s'])}"])
+        lines += _table(("table", "runs (variants x seeds)", "1 device", "2", "4", "8", "one per run",
+                         "longest variant"), cells, "lrrrrrrl")
+        lines += ["Training iterations and the sampler's units (fresh chains, BPDA+EOT) are measured for every "
                   "variant; forwards, OOD passes, PGD and Inception once, on the first variant (the same "
                   "network). Each table's variants:", ""]
         for tab in r["tables"]:
             lines += [f"<details><summary>{tab['title']}: {len(tab['rows'])} variants, "
-                      f"{hms(tab['total_s'])} one after another</summary>", "",
-                      "| variant | train | sample + evaluate + fid + robustness | total |", "|---|---:|---:|---:|"]
-            lines += [f"| {v['variant']} | {hms(v['train_s'])} | {hms(v['other_s'])} | {hms(v['total_s'])} |"
-                      for v in tab["rows"]]
-            lines += [f"| {t['stage']} (once) | | {hms(t['seconds'])} | {hms(t['seconds'])} |"
-                      for t in tab["fid_ref"]]
-            lines += [f"| **{len(tab['rows'])} variants, one {r['device']}** | | | **{hms(tab['total_s'])}** |",
-                      "", "</details>", ""]
+                      f"{hms(tab['total_s'])} one after another</summary>", ""]
+            lines += _table(
+                ("variant", "train", "sample + evaluate + fid + robustness", "total"),
+                [[v["variant"], hms(v["train_s"]), hms(v["other_s"]), hms(v["total_s"])] for v in tab["rows"]]
+                + [[f"{t['stage']} (once)", "", hms(t["seconds"]), hms(t["seconds"])] for t in tab["fid_ref"]]
+                + [[f"**{len(tab['rows'])} variants, one {r['device']}**", "", "", f"**{hms(tab['total_s'])}**"]],
+                "lrrr")
+            lines += ["</details>", ""]
     return lines
 
 
@@ -136,11 +143,11 @@ def _fid_section(r: dict[str, Any], command: str) -> list[str]:
         f"Measured by `{command}` on **{r['device']}**: what the `fid` stage does for {r['images']:,} samples "
         f"(Inception fp32 at batch {r['batch']}, channels_last {r['channels_last']}; weights: {r['weights']}).",
         "",
-        "| samples | Inception s | img/s | mean/cov + IS s | Frechet s | total s | projected 50k s | peak MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {r['images']} | {r['features_s']:.1f} | {r['images_per_s']:.0f} | {r['stats_is_s']:.2f} | "
-        f"{r['frechet_s']:.2f} | {r['total_s']:.1f} | {r['projected_50k_s']:.0f} | {r['peak_memory_mb']:.0f} |",
-        "",
+        *_table(("samples", "Inception s", "img/s", "mean/cov + IS s", "Frechet s", "total s", "projected 50k s",
+                 "peak MB"),
+                [[r["images"], f"{r['features_s']:.1f}", f"{r['images_per_s']:.0f}", f"{r['stats_is_s']:.2f}",
+                  f"{r['frechet_s']:.2f}", f"{r['total_s']:.1f}", f"{r['projected_50k_s']:.0f}",
+                  f"{r['peak_memory_mb']:.0f}"]], "rrrrrrrr"),
         "Projected: the per-sample cost (Inception, covariance, IS) x 50,000 plus the matrix square "
         "root, which does not grow with the sample count.",
         "",
@@ -165,21 +172,15 @@ def _training_section(rows: list[dict[str, Any]], command: str) -> list[str]:
             f"{k} {v}" for k, v in next(r for r in rows if r["mode"] == "fast")["perf"].items())
         + f" ({next(r for r in rows if r['mode'] == 'fast')['compiled']}).",
         "",
-        "| variant | mode | model | batch / p(x) | sampler | SAM | ms/iter | IQR % | img/s | min/epoch* | TFLOP/s "
-        "| peak MB |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['mode']} | {r['model']} | {r['batch']}/{r['px_batch']} | {r['sampler']} | "
-                     f"{r['sam']} | {r['ms_per_iter']:.1f} | {r['spread_pct']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{r['epoch_min_cifar10']:.2f} | "
-                     f"{r['tflops']:.3f} | {r['peak_memory_mb']:.0f} |")
-    lines += ["", "ms/iter: the median of the timed iterations; IQR %: their interquartile range over the median "
+    lines += _table(TRAINING_COLUMNS, [_training_cells(r) for r in rows], "llllllrrrrrr")
+    lines += ["ms/iter: the median of the timed iterations; IQR %: their interquartile range over the median "
               "(how steady the machine was). \\* projected minutes per CIFAR-10 epoch: 50,000 images / labelled "
-              "batch x ms/iter.", "",
-              "Speed-ups (ratios of ms/iter): the fast paths over the reference loop and over our baseline, and "
-              "our baseline's time relative to the reference loop's (1.00: the same speed):", "",
-              "| variant | fast vs reference | fast vs baseline | baseline / reference |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['variant']} | **{r['fast_vs_reference']:.2f}x** | {r['fast_vs_baseline']:.2f}x | "
-              f"{r['baseline_vs_reference']:.3f} |" for r in ratios(rows)]
-    return [*lines, ""]
+              "batch x ms/iter. TFLOP/s: the FLOPs of one iteration (matrix products and convolutions, forward "
+              "and backward, every sampler step and SAM pass, counted by torch's `FlopCounterMode`) over ms/iter.",
+              "", "Speed-ups (ratios of ms/iter): the fast paths over the reference loop and over our baseline, and "
+              "our baseline's time relative to the reference loop's (1.00: the same speed):", ""]
+    lines += _table(("variant", "fast vs reference", "fast vs baseline", "baseline / reference"),
+                    [[r["variant"], f"**{r['fast_vs_reference']:.2f}x**", f"{r['fast_vs_baseline']:.2f}x",
+                      f"{r['baseline_vs_reference']:.3f}"] for r in ratios(rows)], "lrrr")
+    return lines

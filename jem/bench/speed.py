@@ -5,7 +5,9 @@ Data are procedural 32x32 images (``jem.data.synthetic``), and the mixture for i
 initialisation is fitted to them, so the benchmark needs no download. Timing covers whole training
 iterations (sampler, both SAM passes, optimizer step) after warm-up iterations (compilation included
 there); each timed iteration is timed on its own (CUDA events between iterations on a GPU, the clock
-on a CPU) and the median is reported, with the interquartile range as the spread.
+on a CPU) and the median is reported, with the interquartile range as the spread. The FLOP rate
+divides the FLOPs of the first warm-up iteration, counted by ``FlopCounterMode`` (``iteration_flops``),
+by that median.
 
 Three ways to run one variant's iteration on the same seed, network and batches: the *reference*
 loop (the published scripts' iteration, ``jem.method.reference``), our *baseline* (``baseline_perf``:
@@ -29,12 +31,13 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 from jem.config.errors import ConfigError
 from jem.config.variant import PerfConfig, Variant, _build, resolve_perf
 from jem.data.synthetic import make_shapes
 from jem.method.gmm import compute_mixture_stats
-from jem.method.models import count_flops
 from jem.method.reference import ReferenceLoop
 from jem.method.train import Trainer
 
@@ -62,24 +65,35 @@ def fast_perf(device: torch.device, compile: str = "auto", overrides: list[str] 
     return perf
 
 
-def iteration_flops(variant: Variant, flops_per_image: int) -> float:
-    """Model FLOPs of one training iteration (backward counted as twice the forward).
+class _NoModuleTracking(ModuleTracker):
+    """``FlopCounterMode``'s per-module breakdown, switched off: its gradient hooks on module inputs
+    break ``torch.autograd.grad`` w.r.t. a leaf (pytorch/pytorch#131753), which every sampler step
+    takes. The total, all this needs, is kept under ``Global``."""
 
-    Loss passes: labelled batch, plus x+ and x- for the generative families; SAM repeats
-    them. Sampler: one forward and input-gradient backward of the x- batch per (outer)
-    step; PYLD's inner steps only touch the first layer and are not counted.
-    """
-    t = variant.train
-    loss_images = t.batch_size + (2 * t.px_batch_size if variant.uses_sampler else 0)
-    passes = 2 if variant.optim.sam != "none" else 1
-    sampler_images = t.px_batch_size * variant.sampler.steps if variant.uses_sampler else 0
-    return 3.0 * flops_per_image * (loss_images * passes + sampler_images)
+    def __enter__(self) -> _NoModuleTracking:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass
+
+
+def iteration_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``step`` (a whole training iteration), as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts what it runs: every matrix product and
+    convolution, forward and backward (the gradients autograd computes and no others: a sampler
+    step's backward is w.r.t. the input only), SAM's second pass and every sampler step. Batch
+    norm, activations and the optimizer update are not counted. Runs ``step`` once."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracking()
+    with counter:
+        step()
+    return counter.get_total_flops()
 
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model as ``/proc/cpuinfo`` gives it."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -158,7 +172,8 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         if device.type == "cuda":
             torch.cuda.empty_cache()
     start = time.perf_counter()
-    for _ in range(warmup):
+    flops = iteration_flops(step)  # the first warm-up iteration, counted (one more iteration without warm-up)
+    for _ in range(warmup - 1):
         step()
     _sync(device)
     warmup_s = time.perf_counter() - start
@@ -167,7 +182,6 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
     times = iteration_times(step, steps, device)
     seconds = statistics.median(times)
     q1, _, q3 = statistics.quantiles(times, n=4) if steps > 1 else (seconds, seconds, seconds)
-    flops = iteration_flops(variant, count_flops(model))
     batch = variant.train.batch_size
     row = {
         "variant": variant.name,
@@ -190,6 +204,7 @@ def benchmark(variant: Variant, device: torch.device, steps: int, warmup: int, p
         "spread_pct": 100 * (q3 - q1) / seconds,  # interquartile range / median
         "images_per_s": batch / seconds,
         "epoch_min_cifar10": CIFAR10_TRAIN // batch * seconds / 60,
+        "flops_per_iter": flops,  # FlopCounterMode's count of one iteration
         "tflops": flops / seconds / 1e12,
         "peak_memory_mb": _peak_memory_mb(device),
         "memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS",

@@ -149,34 +149,6 @@ def build_model(cfg: ModelConfig) -> WideResNet:
     return WideResNet(cfg)
 
 
-def count_flops(model: WideResNet, image_size: int | None = None) -> int:
-    """Multiply-accumulates x 2 of one forward pass of one image (convs and linear layers)."""
-    size = image_size or model.cfg.image_size
-    flops = 0
-
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal flops
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            flops += 2 * k * output[0].numel()
-        elif isinstance(module, nn.Linear):
-            flops += 2 * module.in_features * module.out_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, model.cfg.in_channels, size, size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return flops
-
-
 def save_model(path: str | os.PathLike[str], model: WideResNet, variant: dict[str, Any],
                **payload: Any) -> None:
     """Write trained weights with the variant that made them (and anything else, e.g. a buffer)."""
