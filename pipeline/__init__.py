@@ -1,5 +1,7 @@
 """What the stage entry points (``stages/``) share, and what may import DVC and MLflow: reading and
-checking ``params.yaml`` and one-line errors (``common``), the MLflow layer (``tracking``), the files a
-stage writes (``outputs``), what ``dvc.yaml`` declares a stage reads (``declared``), the trained
-weights the stages after ``train`` read (``weights``) and the runner that trains a paper table's
-variants at once through ``dvc repro`` processes (``table``)."""
+checking ``params.yaml`` and one-line errors (``common``), the MLflow layer (``tracking``) with the
+start-up check of the tracking store (``probe``), the journal of calls kept while a tracking server
+does not answer (``journal``) and where the runs go (``store``), the files a stage writes
+(``outputs``), what ``dvc.yaml`` declares a stage reads (``declared``), the trained weights the
+stages after ``train`` read (``weights``) and the runner that trains a paper table's variants at once
+through ``dvc repro`` processes (``table``)."""

@@ -1,11 +1,12 @@
 """What every stage entry point shares: reading and checking ``params.yaml``, the device, one-line
 errors.
 
-The MLflow layer is ``pipeline.tracking``; the files a stage writes (metrics, notes, atomic
-folders) are ``pipeline.outputs``; the trained weights the stages after ``train`` read are
-``pipeline.weights``; what ``dvc.yaml`` declares a stage reads is ``pipeline.declared``. Each stage's
-code dependencies in ``dvc.yaml`` are its import closure (tests/test_layout.py), so this module
-imports only what every stage needs.
+The MLflow layer is ``pipeline.tracking`` and its start-up check of the tracking store
+``pipeline.probe``; the files a stage writes (metrics, notes, atomic folders) are
+``pipeline.outputs``; the trained weights the stages after ``train`` read are ``pipeline.weights``;
+what ``dvc.yaml`` declares a stage reads is ``pipeline.declared``. Each stage's code dependencies in
+``dvc.yaml`` are its import closure (tests/test_layout.py), so this module imports only what every
+stage needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.tracking import check_tracking, mark, warm_up
+from pipeline.probe import check_tracking
+from pipeline.tracking import mark, warm_up
 
 if TYPE_CHECKING:  # imported where a device is picked: the settings and fingerprint stages start without it
     import torch

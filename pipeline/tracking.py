@@ -1,14 +1,20 @@
-"""The MLflow layer of the stages: where they log (the tracking URI, checked before any work), the
-experiment, one run per stage instance nested under its variant's parent run, its tags, params,
-metrics, datasets, model and artifacts.
+"""The MLflow layer of the stages: where they log (the tracking URI), the experiment, one run per
+stage instance nested under its variant's parent run, its tags, params, metrics, datasets, model and
+artifacts; and each stage process's start-up timing marks.
 
 MLflow keeps its runs in ``<repo>/mlflow.db`` (sqlite) and artifacts in ``<repo>/mlartifacts``,
 addressed as ``mlflow-artifacts:/`` URIs that ``mlflow ui`` serves from its ``./mlartifacts``.
 The repository is ``DVC_ROOT`` (or the working directory), mapped back to the original
 checkout when DVC runs the stage inside a temporary experiment executor
 (``<repo>/.dvc/tmp/exps/...``), so ``dvc exp run --temp`` and ``--queue`` log to the same
-place as ``dvc repro``. The schema and the experiment are created under a file lock before
-the run starts, so parallel queue workers do not race on the first migration.
+place as ``dvc repro`` (``pipeline.store``). The schema and the experiment are created under a file
+lock before the run starts, so parallel queue workers do not race on the first migration.
+
+Before any work a stage checks the store (``pipeline.probe.check_tracking``): a server must answer and
+take this user's credentials; an ``mlflow.db`` must be an SQLite database that is not cut short; a
+``file:`` store needs ``MLFLOW_ALLOW_FILE_STORE=true``, as MLflow 3 does. A server that goes away later,
+mid-run, does not stop the stage: what the run logs meanwhile waits in ``<repo>/.mlflow-pending/`` and is
+sent once the server is back (``pipeline.journal``).
 """
 
 from __future__ import annotations
@@ -19,21 +25,18 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jem.config.errors import InputError
+from pipeline import journal
+from pipeline.probe import damaged, sqlite_damage
+from pipeline.store import TrackingError, quiet_mlflow, restore_env, say, tracking_root, tracking_uri
 
-if TYPE_CHECKING:  # imported where a model is logged: the cheap stages start without it
+if TYPE_CHECKING:  # imported where used: the cheap stages start without them
     import torch
-
-
-class TrackingError(InputError):
-    """The tracking store named by ``MLFLOW_TRACKING_URI`` or ``run.tracking_uri`` is not usable
-    (not a tracking URI, or a server that does not answer); printed as one line."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,13 +112,6 @@ def _write_timing() -> None:
 _warming: threading.Thread | None = None
 
 
-def _quiet_mlflow() -> None:
-    import logging
-
-    for noisy in ("mlflow", "alembic"):  # schema set-up chatter on every first run
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def warm_up(params: dict[str, Any]) -> None:
     """Import MLflow and open the tracking store (for mlflow.db: its engine and schema check, under
     the tracking lock) in a background thread, about two seconds of mostly single-threaded Python that
@@ -135,7 +131,7 @@ def warm_up(params: dict[str, Any]) -> None:
             from filelock import FileLock
             from mlflow.tracking import MlflowClient
 
-            _quiet_mlflow()  # mlflow's import sets its own logger to INFO
+            quiet_mlflow()  # mlflow's import sets its own logger to INFO
             if uri.startswith("sqlite:"):  # a server's client is cheap; a database's store is not
                 with FileLock(str(root / ".mlflow.lock")):
                     MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
@@ -144,6 +140,8 @@ def warm_up(params: dict[str, Any]) -> None:
 
     _warming = threading.Thread(target=load, name="mlflow-warm-up")
     _warming.start()
+
+
 # The experiment opens in the MLflow UI's runs table ("Model training"), not the GenAI view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Stages that run long enough for CPU/GPU/memory curves (MLflow's system metrics, via psutil
@@ -151,93 +149,6 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 SYSTEM_METRICS_STAGES = frozenset({"train", "sample", "evaluate", "fid", "fid_ref", "robustness"})
 # Stages of no single variant, grouped under one parent run per experiment.
 DATA_STAGES = frozenset({"prepare", "gmm", "fid_ref"})
-
-
-def tracking_root() -> Path:
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return root
-
-
-def tracking_uri(root: Path, params: dict[str, Any] | None = None) -> tuple[str, str]:
-    """Where the stages log, and what said so: ``MLFLOW_TRACKING_URI`` from the environment, else
-    ``run.tracking_uri`` from the params (e.g. a lab's ``http://mlflow.lab:5000``), else the
-    repository's ``mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env, "MLFLOW_TRACKING_URI"
-    configured = str(((params or {}).get("run") or {}).get("tracking_uri") or "").strip()
-    if configured:
-        return configured, "run.tracking_uri"
-    return f"sqlite:///{root / 'mlflow.db'}", "default"
-
-
-def check_tracking(params: dict[str, Any]) -> None:
-    """Stop with one line when the tracking store is a server that does not answer (before any work)."""
-    import urllib.error
-    import urllib.request
-
-    uri, source = tracking_uri(tracking_root(), params)
-    scheme = uri.split(":", 1)[0]
-    if scheme not in ("http", "https"):
-        from jem.config.settings import TRACKING_SCHEMES
-
-        if scheme not in TRACKING_SCHEMES:
-            raise TrackingError(f"{source} = {uri!r}: not a tracking URI; expected http(s)://host:port of an "
-                             "MLflow server, sqlite:///path, file:///path or a database URI")
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
-            if response.status != 200:
-                raise OSError(f"HTTP {response.status}")
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise TrackingError(f"{source} = {uri}: the MLflow tracking server does not answer ({reason}); start it "
-                         "(mlflow server --host 0.0.0.0 --port 5000 ...) or unset it to log to mlflow.db") from None
-    check_credentials(uri, source)
-
-
-def check_credentials(uri: str, source: str) -> None:
-    """One authenticated read with MLflow's own variables (MLFLOW_TRACKING_USERNAME and _PASSWORD, or
-    MLFLOW_TRACKING_TOKEN), so that a server behind authentication refusing them stops the stage in
-    one line before it computes or writes anything."""
-    import base64
-    import urllib.error
-    import urllib.request
-
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
-    password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN", "")
-    headers = {}
-    if user or password:
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        who = f"user {user!r} (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
-    elif token:
-        headers["Authorization"] = f"Bearer {token}"
-        who = "the token in MLFLOW_TRACKING_TOKEN"
-    else:
-        who = "no credentials"
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30):
-            return
-    except urllib.error.HTTPError as exc:
-        code = exc.code
-    except (OSError, ValueError) as exc:
-        raise TrackingError(f"{source} = {uri}: the MLflow tracking server does not answer its API "
-                            f"({getattr(exc, 'reason', None) or exc})") from None
-    if code == 401:
-        raise TrackingError(f"{source} = {uri}: the server refused {who} (HTTP 401); set MLFLOW_TRACKING_USERNAME "
-                            "and MLFLOW_TRACKING_PASSWORD to an account of its auth app") from None
-    if code == 403:
-        raise TrackingError(f"{source} = {uri}: the server knows {who} but does not let it read experiments "
-                            "(HTTP 403); ask its admin for EDIT permission on the jem-<scale> experiments") from None
-    raise TrackingError(f"{source} = {uri}: the server answered HTTP {code} to an experiments search; is it an "
-                        "MLflow tracking server?") from None
 
 
 def artifact_location(experiment: str) -> str:
@@ -249,7 +160,12 @@ def artifact_location(experiment: str) -> str:
 
 def _serve_proxied_artifacts_locally(root: Path) -> None:
     """Without a server in between, write ``mlflow-artifacts:/<path>`` to ``<root>/mlartifacts/<path>``:
-    the file the server serves for that URI when started in ``root`` (its default destination)."""
+    the file the server serves for that URI when started in ``root`` (its default destination).
+
+    MLflow has no public call to register an artifact repository for a scheme in-process (only the
+    ``mlflow.artifact_repository`` entry point of an installed package, which would apply to every
+    MLflow process of the environment, ``mlflow server`` included), so this uses its private registry,
+    here only; tests/test_tracking_probe.py fails by name when an MLflow upgrade moves it."""
     from urllib.parse import urlparse
 
     import mlflow
@@ -277,15 +193,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _source_tags(kind: str, commit: str) -> dict[str, str]:
+def _source_tags(kind: str) -> dict[str, str]:
     """MLflow's standard source tags: the entry point (repository-relative, so it reads the same in
-    every clone), its type, and the commit (without our ``-dirty`` mark, which ``git_commit`` keeps)."""
+    every clone) and its type. ``mlflow.source.git.commit`` (and ``.branch``) is MLflow's own: its git
+    context reads them from the repository of the entry point's file (``sys.argv[0]``, a stage's
+    ``stages/<kind>.py``), the checkout or DVC's temporary executor; our ``git_commit`` adds ``-dirty``."""
     from mlflow.entities import SourceType
 
-    tags = {"mlflow.source.name": f"stages/{kind}.py", "mlflow.source.type": SourceType.to_string(SourceType.LOCAL)}
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
-    return tags
+    return {"mlflow.source.name": f"stages/{kind}.py", "mlflow.source.type": SourceType.to_string(SourceType.LOCAL)}
 
 
 def _parent_run(client: Any, experiment_id: str, group: str, scale: str, dvc_exp: str) -> str:
@@ -310,38 +225,36 @@ def _dataset_name(path: Path) -> str:
 
 class StageRun:
     """One MLflow run per DVC stage instance, written through the client API (batched); it is also
-    the process's active run, so MLflow's fluent calls (datasets, models) attach to it."""
+    the process's active run (MLflow's system metrics). With a tracking server, ``pending`` is the run's
+    journal: a call the server does not answer is kept there and the stage goes on (see ``pipeline.journal``)."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, pending: journal.PendingCalls | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.pending = pending
+        self.parent: str | None = None  # the run this one is nested under
+        self._next_ask = 0.0
+        self._gap = journal.PROBE_GAPS[0]
+        self._deadline: float | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        flat = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):
-            self.client.log_batch(self.run_id, params=flat[i:i + 100])
+        flat = [[k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)] for k, v in flatten(params).items()]
+        self._send({"op": "batch", "params": flat})  # MLflow splits it into requests the store accepts
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        batch = [[k, float(v), now, int(step)] for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._send({"op": "batch", "metrics": batch})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send({"op": "batch", "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if path.exists():
+            self._send({"op": "artifact", "path": str(path), "artifact_path": artifact_path},
+                       keep=journal.keep_artifact(path, artifact_path))
 
     def log_dataset(self, path: Path, context: str, images: Any, labels: Any) -> None:
         """A prepared split (``path``, an ``.npz`` the stage read as ``images`` and ``labels``) as an
@@ -353,22 +266,109 @@ class StageRun:
         images, labels = np.asarray(images), np.asarray(labels)
         source = LocalArtifactDatasetSource(str(path))
         dataset = mlflow.data.from_numpy(images, source=source, targets=labels, name=_dataset_name(path))
-        mlflow.log_input(dataset, context=context)
+        self._send({"op": "dataset", "dataset": dataset.to_dict(), "context": context})
 
     def log_model(self, model: torch.nn.Module, x: torch.Tensor) -> None:
         """A trained network (eval mode, on the CPU) as an MLflow PyTorch model named ``model`` (under
         the run's Logged models), with the signature of the input batch ``x`` -> logits, saved as an
         exported graph (MLflow's safe ``pt2`` format, no pickled code), so ``mlflow.pytorch.load_model``
-        needs no checkout."""
-        import mlflow
-        import torch
-        from mlflow.models import infer_signature
+        needs no checkout. A server that does not answer is waited for (JEM_TRACKING_WAIT), then the
+        model is kept, saved, in the journal."""
+        self._send({"op": "model"}, call=lambda: journal.log_model(self.run_id, model, x),
+                   keep=lambda folder: journal.save_model(folder, model, x), wait=True)
 
-        with torch.no_grad():
-            logits = model(x)
-        mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x.numpy(), logits.numpy()),
-                                 input_example=x.numpy(), serialization_format="pt2",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    def finish(self, status: str = "FINISHED", wait: bool = True) -> None:
+        """End the run (and the process's active run) with ``status``; a server that does not answer is
+        waited for (``wait``) up to JEM_TRACKING_WAIT, then the end is kept with what else waits."""
+        import mlflow
+
+        if self.pending is None:
+            mlflow.end_run(status=status)
+            return
+
+        def active() -> bool:
+            run = mlflow.active_run()
+            return run is not None and run.info.run_id == self.run_id
+
+        end = {"op": "end", "status": status, "end_time": int(time.time() * 1000)}
+        self._send(end, call=(lambda: mlflow.end_run(status=status)) if active() else None, wait=wait)
+        if active():  # its end kept: no longer the active run all the same (MLflow's one request fails at once)
+            quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(journal.HEALTH_TIMEOUT)}
+            with journal.environment(quick, override=True), contextlib.suppress(Exception):
+                mlflow.end_run(status=status)
+
+    def end_parent(self, parent: str) -> None:
+        """The parent's end time follows its last child (kept, too, while the server does not answer)."""
+        with contextlib.suppress(Exception):
+            self._send({"op": "end", "run_id": parent, "status": "FINISHED", "end_time": int(time.time() * 1000)})
+
+    def close(self) -> None:
+        """Say what still waits for the server, and how it will be sent; let go of the journal."""
+        if self.pending is None:
+            return
+        if len(self.pending):
+            say(f"{self.pending.uri} still does not answer: {len(self.pending)} calls of run {self.run_id} wait in "
+                f"{self.pending.path} (the stage's outputs are complete); the next stage that logs there sends "
+                "them, or now: python -m pipeline.journal --replay")
+        self.pending.release()
+
+    def _send(self, entry: dict[str, Any], call: Callable[[], Any] | None = None,
+              keep: Callable[[Path], dict[str, Any]] | None = None, wait: bool = False) -> None:
+        """Make one call (``call``, else ``entry`` sent as it is); with a server that does not answer, keep
+        it (``keep(folder)``: the entry with its own copy of what it logs) and go on. ``wait``: first
+        wait for the server, up to JEM_TRACKING_WAIT seconds from the first wait of the stage."""
+        send = call or (lambda: journal.apply_call(self.client, self.run_id, entry))
+        if self.pending is None:
+            send()
+            return
+        if len(self.pending) and not self._catch_up(wait):
+            self.pending.add(keep or entry)
+            return
+        try:
+            send()
+            return
+        except Exception as exc:
+            if not journal.server_away(exc):
+                raise
+            self._gone(exc)
+        self.pending.add(keep or entry)
+        if wait:
+            self._catch_up(wait)
+
+    def _gone(self, exc: BaseException) -> None:
+        import logging
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)  # its samples meanwhile are lost
+        self._next_ask, self._gap = time.monotonic() + journal.PROBE_GAPS[0], journal.PROBE_GAPS[0]
+        say(f"{self.pending.uri} does not answer ({journal.reason(exc)}); the stage goes on, and what its run "
+            f"logs waits in {self.pending.path} until the server is back")
+
+    def _catch_up(self, wait: bool) -> bool:
+        """Send what waits if the server answers (asked at most every few seconds; ``wait``: until the
+        stage's deadline); whether nothing waits any more."""
+        if not wait:
+            if time.monotonic() < self._next_ask:
+                return False
+            if self._replay():
+                return True
+            self._next_ask, self._gap = time.monotonic() + self._gap, min(2 * self._gap, journal.PROBE_GAPS[1])
+            return False
+        if self._deadline is None:
+            self._deadline = time.monotonic() + journal.wait_seconds()
+            say(f"waiting up to {journal.wait_seconds():.0f} s ({journal.WAIT_VAR}) for {self.pending.uri} to send "
+                f"{len(self.pending)} calls")
+        while not self._replay():
+            if time.monotonic() >= self._deadline:
+                return False
+            time.sleep(min(2.0, max(0.0, self._deadline - time.monotonic())))
+        return True
+
+    def _replay(self) -> bool:
+        count = len(self.pending)
+        if not (journal.answers(self.pending.uri) and journal.send_waiting(self.client, self.pending)):
+            return False
+        say(f"{self.pending.uri} answers again: the {count} calls that waited are sent to run {self.run_id}")
+        return True
 
 
 class NullRun:
@@ -405,6 +405,9 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     """Start the MLflow run named after the DVC stage (e.g. ``train@sadajem_k5``), nested under its
     variant's parent run (``datasets`` for prepare/gmm/fid_ref; the report stands alone).
 
+    With a tracking server, MLflow's retries are bounded (``journal.HTTP_DEFAULTS``, where unset), calls kept from
+    earlier stages are sent first, and what the server does not take meanwhile waits in the run's
+    journal (``journal.PENDING_DIR``); a run that fails or is interrupted is still ended (FAILED or KILLED).
     ``main=False`` (the other ranks of a data-parallel stage) logs nothing."""
     if not main:
         yield NullRun()
@@ -412,68 +415,92 @@ def mlflow_run(stage: str, params: dict[str, Any], tags: dict[str, Any],
     if _warming is not None:
         _warming.join()
     import mlflow
-    from filelock import FileLock
-    from mlflow.tracking import MlflowClient
 
-    _quiet_mlflow()
+    quiet_mlflow()
     root = tracking_root()
-    uri, _ = tracking_uri(root, params)
+    uri, source = tracking_uri(root, params)
+    remote = uri.startswith(("http:", "https:"))
     if uri.startswith("sqlite:"):
         _serve_proxied_artifacts_locally(root)
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI: put it back afterwards
+    handle: StageRun | None = None
+    with journal.environment(journal.HTTP_DEFAULTS if remote else {}):
+        mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI: put it back afterwards
+        try:
+            handle = _open_run(stage, params, tags, root, uri, source, remote)
+            try:
+                yield handle
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    handle.set_tags({"error": f"{type(exc).__name__}: {exc}"[:500]})
+                with contextlib.suppress(Exception):
+                    handle.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", wait=False)
+                raise
+            handle.finish("FINISHED")
+            if handle.parent is not None:
+                handle.end_parent(handle.parent)
+        finally:
+            if handle is not None:
+                handle.close()
+            restore_env("MLFLOW_TRACKING_URI", env_before)
+
+
+def _open_run(stage: str, params: dict[str, Any], tags: dict[str, Any], root: Path, uri: str, source: str,
+              remote: bool) -> StageRun:
+    """The experiment, the parent run and the stage's run opened (the active run), calls kept from
+    earlier stages for this server sent; one line where the store is damaged or the server went away."""
+    import mlflow
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
     scale = str(params.get("scale", "demo"))
     name = f"jem-{scale}"
     kind = stage.split("@")[0]
     dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
     group = str(tags["variant"]) if "variant" in tags else ("datasets" if kind in DATA_STAGES else None)
-    with FileLock(str(root / ".mlflow.lock")):
-        client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                experiment_id = client.create_experiment(name, artifact_location=artifact_location(name),
-                                                         tags=EXPERIMENT_TAGS)
-            except Exception:  # another machine created it first on a shared server
-                experiment = client.get_experiment_by_name(name)
-                if experiment is None:
-                    raise
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        if experiment is not None and any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
-            for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed
-                client.set_experiment_tag(experiment_id, key, value)
-        parent = _parent_run(client, experiment_id, group, scale, dvc_exp) if group else None
-    commit = _git_commit()
-    table_run = os.environ.get("JEM_TABLE_RUN")  # set by `python -m stages.table`: every run of one table run
-    all_tags = {"dvc_stage": stage, "stage": kind, "scale": scale, "git_commit": commit, "dvc_exp": dvc_exp,
-                **({"table_run": table_run} if table_run else {}), **_source_tags(kind, commit), **tags}
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
-                              tags={k: str(v) for k, v in all_tags.items()},
-                              log_system_metrics=kind in SYSTEM_METRICS_STAGES and _system_metrics_available())
-    handle = StageRun(client, active.info.run_id)
+    try:
+        with FileLock(str(root / ".mlflow.lock")):
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment(client, name)
+            parent = _parent_run(client, experiment_id, group, scale, dvc_exp) if group else None
+        if remote and (root / journal.PENDING_DIR).is_dir():
+            journal.replay_leftovers(root, uri)
+        commit = _git_commit()
+        table_run = os.environ.get("JEM_TABLE_RUN")  # set by `python -m stages.table`: every run of one table run
+        all_tags = {"dvc_stage": stage, "stage": kind, "scale": scale, "git_commit": commit, "dvc_exp": dvc_exp,
+                    **({"table_run": table_run} if table_run else {}), **_source_tags(kind), **tags}
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
+                                  tags={k: str(v) for k, v in all_tags.items()},
+                                  log_system_metrics=kind in SYSTEM_METRICS_STAGES and _system_metrics_available())
+    except Exception as exc:
+        if sqlite_damage(exc) is not None and uri.startswith("sqlite:///"):
+            raise TrackingError(damaged(Path(uri[len("sqlite:///"):].split("?", 1)[0]), exc)) from None
+        if remote and journal.server_away(exc):
+            raise TrackingError(f"{source} = {uri}: the MLflow tracking server stopped answering as the run "
+                                f"opened ({journal.reason(exc)}); nothing was logged: rerun the stage once the server "
+                                "answers") from None
+        raise
+    run_id = active.info.run_id
+    handle = StageRun(client, run_id, journal.PendingCalls(root / journal.PENDING_DIR, run_id, uri) if remote else None)
+    handle.parent = parent
     mark("run", stage)
     startup = _timing.get("work_s")
     if startup is not None:
         handle.log_metrics({"startup_seconds": startup})
-    try:
-        yield handle
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            handle.set_tags({"error": f"{type(exc).__name__}: {exc}"[:500]})
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        _restore_env("MLFLOW_TRACKING_URI", env_before)
-        raise
-    mlflow.end_run(status="FINISHED")
-    if parent is not None:
-        with contextlib.suppress(Exception):  # the parent's end time follows its last child
-            client.set_terminated(parent, status="FINISHED")
-    _restore_env("MLFLOW_TRACKING_URI", env_before)
+    return handle
 
 
-def _restore_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
+def _experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created where missing (the caller holds the tracking lock)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(name), tags=EXPERIMENT_TAGS)
+        except Exception:  # another machine created it first on a shared server
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+        for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.probe import check_tracking
+from pipeline.store import TrackingError
+
 from .conftest import copy_repo, rest_api, run_ok, stage_env, tracking_server
 
 PREPARE = [sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"]
@@ -77,10 +80,12 @@ def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tm
 
 
 @pytest.mark.e2e(cost=45)
-def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tmp_path: Path):
+def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch):
     """README "One tracking server for the team": MLflow's basic-auth app, host and CORS restrictions.
     An unauthenticated request is refused; a stage with MLflow's own credential variables logs its run;
-    one with a wrong password stops in one line before it writes anything."""
+    one with a wrong password stops in one line before it writes anything. The start-up check takes
+    the account from MLflow's credentials file, too (in-process: tests/test_tracking_probe.py has the rest)."""
     import urllib.error
     import urllib.request
 
@@ -120,6 +125,19 @@ def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tm
             assert not (repo / "data" / "tiny").exists()
         runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}, auth=account)["runs"]
         assert len(runs) == 2  # the member's run and its "datasets" parent: nothing from the refused ones
+
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                     "MLFLOW_TRACKING_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        credentials = tmp_path / ".mlflow" / "credentials"  # as `mlflow` reads it, with no variables set
+        credentials.parent.mkdir()
+        credentials.write_text(f"[mlflow]\nmlflow_tracking_username = {account[0]}\n"
+                               f"mlflow_tracking_password = {account[1]}\n")
+        check_tracking({"run": {"tracking_uri": url}})
+        credentials.write_text(f"[mlflow]\nmlflow_tracking_username = {account[0]}\nmlflow_tracking_password = guess\n")
+        with pytest.raises(TrackingError, match=r"refused user 'lab-admin' \(from .*credentials\) \(HTTP 401\)"):
+            check_tracking({"run": {"tracking_uri": url}})
 
         # the host check: a request naming another host (DNS rebinding) is refused before authentication
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
