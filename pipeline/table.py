@@ -147,7 +147,7 @@ def runs_url(params: dict, scale: str, run_id: str) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import tracking_root, tracking_uri
+        from pipeline.store import tracking_root, tracking_uri
 
         uri, _ = tracking_uri(tracking_root(), params)
         experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(f"jem-{scale}")
@@ -309,15 +309,27 @@ def train_and_evaluate(plan: Plan, pool: Pool) -> list[tuple[Task, int, Path]]:
     return failed
 
 
-def push(plan: Plan) -> None:
-    """``--push``: what this machine computed, with its run cache, to the default remote."""
+def push(plan: Plan) -> str | None:
+    """``--push``: what this machine computed, with its run cache, to the default remote. A remote that
+    cannot be reached fails no run: the line that says what was not pushed (None when all was)."""
     say("[table] dvc push --run-cache: this machine's outputs and their run cache")
-    if dvc(["push", "--run-cache"], plan.env, plan.logs / "transfer.log", say):
-        raise StageError(f"dvc push --run-cache failed; see {plan.logs / 'transfer.log'}")
+    log = plan.logs / "transfer.log"
+    if not dvc(["push", "--run-cache"], plan.env, log, say):
+        return None
+    last = log.read_text().rsplit("$ dvc push --run-cache", 1)[-1]
+    errors = [line.removeprefix("ERROR: ") for line in last.splitlines() if line.startswith("ERROR: ")]
+    # DVC's last line counts the files; its first says why (after "failed to transfer '<hash>' - ")
+    reason = "; ".join(dict.fromkeys(e.split(" - ", 1)[-1] for e in (errors[-1:] + errors[:1]))) or f"see {log}"
+    share = ", ".join(plan.mine) + " and the shared stages" if plan.mine else "the shared stages"
+    return (f"dvc push --run-cache failed ({reason}): not pushed: the outputs "
+            f"and run cache of {share}; all kept here. When the remote answers, the same command with --push "
+            f"sends them (nothing is recomputed); log: {log}")
 
 
-def report_failures(plan: Plan, failed: list[tuple[Task, int, Path]]) -> None:
-    """Each failed task in one line with its log, then exit status 1."""
+def report_failures(plan: Plan, failed: list[tuple[Task, int, Path]], unpushed: str | None) -> None:
+    """Each failed task in one line with its log (and what was not pushed), then exit status 1."""
+    if unpushed:
+        print(f"error: {unpushed}", file=sys.stderr)
     for task, code, log in failed:
         print(f"error: {task.name} failed (exit {code}); its log: {log}", file=sys.stderr)
     print(f"error: {len(failed)} of {len(plan.mine)} runs failed; the others' results are kept. Run the same "
@@ -348,13 +360,14 @@ def run_table(args: argparse.Namespace) -> None:
     announce(plan)
     run_shared(plan, args.pull)
     failed = train_and_evaluate(plan, Pool(plan, args.threads))
-    if args.push:  # what did finish is worth sharing even when a variant failed
-        push(plan)
+    unpushed = push(plan) if args.push else None  # what did finish is worth sharing even when a variant failed
     if failed:
-        report_failures(plan, failed)
+        report_failures(plan, failed, unpushed)
     if plan.partial:
         say(f"[table] {plan.run_id}: {', '.join(plan.mine) or 'the shared stages'} up to date"
-            + ("; pushed" if args.push else "") + f". The report waits for the whole table: "
+            + ("; pushed" if args.push and not unpushed else "") + f". The report waits for the whole table: "
             f"python -m stages.table {args.table or ''} --pull".replace("  ", " "))
-        return
-    assemble(plan, params)
+    else:
+        assemble(plan, params)
+    if unpushed:  # the local results and the report are kept; only the transfer is left to do
+        raise StageError(unpushed)

@@ -1,6 +1,8 @@
-"""Faults in the middle of a run (README "What survives what"): the disk fills while a checkpoint, a
-file or an output folder is written. The previous file, folder or checkpoint survives intact, the
+"""Faults in the middle of a run (README "What survives what"). The disk fills while a checkpoint, a
+file or an output folder is written: the previous file, folder or checkpoint survives intact, the
 error is one line naming the path and the space it needs, and a rerun after space is freed resumes.
+A metrics file is written only in part: its reader stops in one line naming it. Two `dvc repro` meet
+in one workspace: the second stops (the table runner waits), and nothing is corrupted.
 
 The disk is a real 256 KiB tmpfs where this process may mount one (root); the checkpoint case, and
 every case where mounting is not allowed, gets the ``ENOSPC`` from an injected ``fsync`` (where
@@ -11,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +132,43 @@ def test_a_metrics_file_written_only_in_part_stops_its_reader_with_one_line_nami
     assert line.endswith("written only in part?); nothing was read from it: rerun the stage that writes it "
                          "to write it again"), line
     assert path.read_bytes() == whole[: len(whole) // 2]  # left as it was, for the user to look at
+
+
+@pytest.mark.e2e(cost=12)
+def test_a_second_dvc_repro_in_the_same_workspace_stops_in_one_line_and_the_table_runner_waits(
+        tiny_workspace, monkeypatch):
+    """Two users (or a user and `python -m stages.table`) in one workspace: DVC's repository lock, held
+    here as a running `dvc repro` holds it. A second `dvc repro` stops at once with DVC's line; the table
+    runner's DVC calls wait for the lock and then go on; dvc.lock, the DVC cache and mlflow.db are untouched."""
+    import threading
+
+    from dvc.repo import Repo
+
+    from pipeline import table
+
+    work, env = tiny_workspace
+    monkeypatch.chdir(work)
+    kept = ("dvc.lock", "mlflow.db")
+    before = {name: (work / name).read_bytes() for name in kept}
+    cache = sorted(p.relative_to(work) for p in (work / ".dvc" / "cache").rglob("*"))
+    said: list[str] = []
+    codes: list[int] = []
+    with Repo(str(work)).lock:  # what a `dvc repro` running in this workspace holds
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode != 0 and "ERROR: Unable to acquire lock" in proc.stderr, proc.stderr
+        waiting = threading.Thread(target=lambda: codes.append(table.dvc(
+            ["repro", "--single-item", "inputs_data"], env, work / "logs" / "locked.log", said.append)))
+        waiting.start()
+        deadline = time.time() + 60
+        while not said and time.time() < deadline:
+            time.sleep(0.1)
+        assert said == ["[table] dvc repro --single-item inputs_data: another process holds a DVC lock; waiting"]
+        assert not codes  # still waiting while the other holds the lock
+    waiting.join(60)
+    assert codes == [0]  # went on once the lock was released
+    assert {name: (work / name).read_bytes() for name in kept} == before
+    assert sorted(p.relative_to(work) for p in (work / ".dvc" / "cache").rglob("*")) == cache
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr

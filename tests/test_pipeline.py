@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,8 +222,9 @@ def _table_run(output: str) -> str:
 def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(tiny_pipeline, repo):
     """`python -m stages.table --workers 2` in a copy whose runs were never trained: both train at once,
     and the longer one is killed once it has written a checkpoint. One line names its variant and log;
-    the other's results are kept. The same command again resumes the killed one from its checkpoint,
-    does not retrain the finished one, and runs the evaluations and the report. The weights and
+    the other's results are kept. The same command again (with --push to a remote that does not answer)
+    resumes the killed one from its checkpoint, does not retrain the finished one, runs the evaluations
+    and the report, and says in one line what was not pushed; a later --push sends it all. The weights and
     metrics are the sequential `dvc repro`'s (the shared pipeline's), every stage is in dvc.lock,
     `dvc status` is clean, and each call's MLflow runs carry its table run."""
 
@@ -250,13 +252,27 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     assert not (work / "models" / "tiny" / "sadajem_k5" / "seed1").exists(), "no partial outputs"
     first_id = _table_run(stdout)
 
-    again = run_ok(table, work, env)
-    assert "every stage up to date" in again
+    # the same command again, with --push to a remote that does not answer: nothing lost, nothing recomputed
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    run_ok([*dvc, "remote", "add", "-d", "lab", f"http://127.0.0.1:{port}/dvc"], work, env)
+    proc = subprocess.run([*table, "--push"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    again = proc.stdout
+    assert proc.returncode == 2 and "every stage up to date" in again, again + proc.stderr  # the report too
+    [unpushed] = proc.stderr.strip().splitlines()
+    assert unpushed.startswith("error: dvc push --run-cache failed (") and "Cannot connect to host" in unpushed
+    assert ("not pushed: the outputs and run cache of softmax-1, sadajem_k5-1 and the shared stages; all kept "
+            "here. When the remote answers, the same command with --push sends them") in unpushed, unpushed
     second_id = _table_run(again)
     logs = work / "logs" / "tiny" / second_id
     assert "Running stage" not in (logs / "train@softmax-1.log").read_text()  # finished: not retrained
     assert "resumed from checkpoints/tiny/sadajem_k5/seed1/step-" in (logs / "train@sadajem_k5-1.log").read_text()
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
+    remote = work.parent / "remote"  # the remote answers again (here: moved to a folder); a later --push sends all
+    run_ok([*dvc, "remote", "modify", "lab", "url", str(remote)], work, env)
+    assert "; pushed." in run_ok([*table, "--shared", "--push"], work, env)  # the cheapest call that pushes
+    assert "Cache and remote 'lab' are in sync" in run_ok([*dvc, "status", "--cloud"], work, env)
     stages = set(run_ok([*dvc, "stage", "list", "--name-only"], work, env).split())
     assert set(yaml.safe_load((work / "dvc.lock").read_text())["stages"]) == stages
     for v in V:  # two at a time, one killed and resumed: the sequential repro's weights, buffer and metrics
