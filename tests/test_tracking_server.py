@@ -31,36 +31,6 @@ def _clone(dest: Path, **run: str) -> Path:
     return dest
 
 
-@pytest.mark.e2e(cost=32)
-def test_two_clones_log_to_one_tracking_server(tmp_path: Path):
-    server = tmp_path / "server"
-    server.mkdir()
-    env = stage_env()
-    with tracking_server(server, env) as url:
-        first = _clone(tmp_path / "machine-a")  # from the environment
-        run_ok(PREPARE, first, {**env, "MLFLOW_TRACKING_URI": url})
-        second = _clone(tmp_path / "machine-b", tracking_uri=url)  # from params.yaml
-        run_ok(PREPARE, second, env)
-
-        experiment = rest_api(url, "experiments/get-by-name?experiment_name=jem-tiny")["experiment"]
-        assert experiment["artifact_location"] == "mlflow-artifacts:/jem-tiny"  # proxied by the server
-        runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                             "max_results": 100})["runs"]
-        stage_runs = [r for r in runs if r["info"]["run_name"] == "prepare@cifar10"]
-        assert len(stage_runs) == 2, [r["info"]["run_name"] for r in runs]
-        for run in stage_runs:
-            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-            assert run["info"]["status"] == "FINISHED"
-            assert (tags["dvc_stage"], tags["stage"], tags["scale"]) == ("prepare@cifar10", "prepare", "tiny")
-            assert tags["mlflow.source.name"] == "stages/prepare.py" and "mlflow.parentRunId" in tags
-            listed = rest_api(url, f"artifacts/list?run_id={run['info']['run_id']}")
-            assert {"preview.png", "meta.json"} <= {f["path"] for f in listed.get("files", [])}
-        stored = {p.name for p in (server / "mlartifacts").rglob("*") if p.is_file()}
-        assert {"preview.png", "meta.json"} <= stored  # on the server's side, through its proxy
-        for machine in (first, second):
-            assert not (machine / "mlflow.db").exists() and not (machine / "mlartifacts").exists()
-
-
 def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tmp_path: Path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -79,11 +49,13 @@ def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tm
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.e2e(cost=45)
-def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tmp_path: Path,
+@pytest.mark.e2e(cost=55)
+def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs_from_two_clones(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch):
     """README "One tracking server for the team": MLflow's basic-auth app, host and CORS restrictions.
-    An unauthenticated request is refused; a stage with MLflow's own credential variables logs its run;
+    An unauthenticated request is refused; two clones of the repository (two machines), one told the
+    server by MLFLOW_TRACKING_URI and one by run.tracking_uri, log their runs with MLflow's own credential
+    variables, tagged, with their artifacts through the server's proxy and nothing local;
     one with a wrong password stops in one line before it writes anything. The start-up check takes
     the account from MLflow's credentials file, too (in-process: tests/test_tracking_probe.py has the rest)."""
     import urllib.error
@@ -106,12 +78,28 @@ def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tm
             urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
         assert refused.value.code == 401
 
-        user = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": account[0],
-                "MLFLOW_TRACKING_PASSWORD": account[1]}
-        run_ok(PREPARE, _clone(tmp_path / "member"), user)
+        # two clones (two machines) log to it: one told by the environment, one by params.yaml
+        account_env = {**env, "MLFLOW_TRACKING_USERNAME": account[0], "MLFLOW_TRACKING_PASSWORD": account[1]}
+        first = _clone(tmp_path / "machine-a")
+        run_ok(PREPARE, first, {**account_env, "MLFLOW_TRACKING_URI": url})
+        second = _clone(tmp_path / "machine-b", tracking_uri=url)
+        run_ok(PREPARE, second, account_env)
         experiment = rest_api(url, "experiments/get-by-name?experiment_name=jem-tiny", auth=account)["experiment"]
+        assert experiment["artifact_location"] == "mlflow-artifacts:/jem-tiny"  # proxied by the server
         runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}, auth=account)["runs"]
-        assert [r["info"]["status"] for r in runs if r["info"]["run_name"] == "prepare@cifar10"] == ["FINISHED"]
+        stage_runs = [r for r in runs if r["info"]["run_name"] == "prepare@cifar10"]
+        assert len(stage_runs) == 2, [r["info"]["run_name"] for r in runs]
+        for run in stage_runs:
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            assert run["info"]["status"] == "FINISHED"
+            assert (tags["dvc_stage"], tags["stage"], tags["scale"]) == ("prepare@cifar10", "prepare", "tiny")
+            assert tags["mlflow.source.name"] == "stages/prepare.py" and "mlflow.parentRunId" in tags
+            listed = rest_api(url, f"artifacts/list?run_id={run['info']['run_id']}", auth=account)
+            assert {"preview.png", "meta.json"} <= {f["path"] for f in listed.get("files", [])}
+        stored = {p.name for p in (server / "mlartifacts").rglob("*") if p.is_file()}
+        assert {"preview.png", "meta.json"} <= stored  # on the server's side, through its proxy
+        for machine in (first, second):
+            assert not (machine / "mlflow.db").exists() and not (machine / "mlartifacts").exists()
 
         for name, wrong in (("stranger", {"MLFLOW_TRACKING_PASSWORD": "guess"}), ("anonymous", {})):
             repo = _clone(tmp_path / name)
@@ -124,7 +112,7 @@ def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs(tm
             assert "(HTTP 401)" in lines[0]
             assert not (repo / "data" / "tiny").exists()
         runs = rest_api(url, "runs/search", {"experiment_ids": [experiment["experiment_id"]]}, auth=account)["runs"]
-        assert len(runs) == 2  # the member's run and its "datasets" parent: nothing from the refused ones
+        assert len(runs) == 3  # the two machines' runs and their "datasets" parent: nothing from the refused ones
 
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                      "MLFLOW_TRACKING_TOKEN"):
