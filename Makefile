@@ -31,5 +31,11 @@ test: install lint
 bench: install
 	$(BIN)/jem-bench
 
+# The GPU check of issue 35 (scripts/gpu_check.sh: bench, FID of 50k, a paper-scale smoke run), on a GPU
+# machine's own python3; rehearsed here on the CPU: make gpu-check GPU_CHECK_ARGS="--device cpu --size tiny"
+.PHONY: gpu-check
+gpu-check:
+	PYTHON=$(if $(wildcard $(BIN)/python),$(abspath $(BIN))/python,python3) bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

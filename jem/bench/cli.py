@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--depth", type=int, help="WRN depth (overrides the scale's)")
     ap.add_argument("--width", type=int, help="WRN width (overrides the scale's)")
     ap.add_argument("--batch", type=int, help="labelled batch size (the p(x) batch keeps its ratio)")
+    ap.add_argument("--image-size", type=int, help="side of the procedural square images (overrides the scale's; "
+                    "scripts/gpu_check.sh's CPU rehearsal: 16)")
     ap.add_argument("--steps", type=int, default=10, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation happens here)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
@@ -229,12 +231,14 @@ def _stages(args: argparse.Namespace, params: dict[str, Any], scale: str, device
 
 
 def _variant(params: dict[str, Any], name: str, scale: str, args: argparse.Namespace) -> Variant:
-    """``name`` at ``scale`` with the command line's --depth, --width and --batch."""
+    """``name`` at ``scale`` with the command line's --depth, --width, --image-size and --batch."""
     d = resolve_variant(params, name, scale).to_dict()
     if args.depth:
         d["model"]["depth"] = args.depth
     if args.width:
         d["model"]["width"] = args.width
+    if args.image_size:
+        d["model"]["image_size"] = args.image_size
     if args.batch:
         ratio = d["train"]["px_batch_size"] / d["train"]["batch_size"]
         d["train"]["batch_size"] = args.batch
