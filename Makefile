@@ -18,7 +18,7 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 lint: install
-	$(BIN)/ruff check jem stages tests
+	$(BIN)/ruff check jem pipeline stages scripts tests
 	$(BIN)/lint-imports  # the layering contracts in pyproject.toml
 
 # Two pytest-xdist workers: the tests that need the shared tiny pipeline (tests/conftest.py) wait for it
