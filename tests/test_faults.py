@@ -92,6 +92,9 @@ def test_the_injected_fault_reaches_the_same_one_line(tmp_path: Path, monkeypatc
     """Where no tmpfs can be mounted, the writers meet ENOSPC at fsync; the stage prints the one line, exit 2."""
     target = tmp_path / "metrics.json"
     write_json(target, {"acc": 0.5})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes, not 0600
     fill_disk_at(monkeypatch, "metrics.json")
     with pytest.raises(SystemExit) as stopped:
         main_guard(lambda: write_json(target, {"acc": 0.9}))
