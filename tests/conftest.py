@@ -237,36 +237,67 @@ def write_prepared_shapes(data: Path, n: int, train: int = 64,
     return x, y
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int, env: dict[str, str], extra: tuple[str, ...] = ()
+                        ) -> subprocess.Popen:
+    """``mlflow server`` on ``root``'s store and artifacts, on loopback ``port``, in its own process group."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "mlartifacts"), *extra]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
+    """Until the server at ``url`` answers its health check (fails if it exits or ``timeout`` passes)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
+            assert time.time() < deadline, f"mlflow server not up after {timeout:.0f} s"
+            time.sleep(0.25)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill the server's whole process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def basic_auth(root: Path, env: dict[str, str], account: tuple[str, str]) -> dict[str, str]:
+    """MLflow's basic-auth app configured in ``root`` with ``account`` as its admin: the server's environment."""
+    (root / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {account[0]}\n"
+        f"admin_password = {account[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {**env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-fixed-secret-for-this-test"}
+
+
 @contextlib.contextmanager
 def tracking_server(root: Path, env: dict[str, str], timeout: float = 120.0, extra: tuple[str, ...] = ()
                     ) -> Iterator[str]:
     """``mlflow server`` on the repository's store and artifacts, on a free loopback port, as a user
     runs ``mlflow ui`` there (``extra``: more options, e.g. the auth app); yields its URL. Killed (its
     whole process group) on the way out."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "mlartifacts"), *extra]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    port = free_port()
+    proc = start_mlflow_server(root, port, env, extra)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
-                assert time.time() < deadline, f"mlflow server not up after {timeout:.0f} s"
-                time.sleep(0.5)
+        wait_until_up(proc, url, timeout)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def rest_api(url: str, endpoint: str, body: dict | None = None, auth: tuple[str, str] | None = None) -> dict:

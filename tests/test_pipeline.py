@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import yaml
 
 from pipeline.outputs import read_metrics
 
-from .conftest import TINY_VARIANTS, rest_api, run_ok, tracking_server
+from .conftest import TINY_VARIANTS, free_port, rest_api, run_ok, tracking_server
 
 
 def _ran(output: str) -> set[str]:
@@ -253,9 +252,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     first_id = _table_run(stdout)
 
     # the same command again, with --push to a remote that does not answer: nothing lost, nothing recomputed
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     run_ok([*dvc, "remote", "add", "-d", "lab", f"http://127.0.0.1:{port}/dvc"], work, env)
     proc = subprocess.run([*table, "--push"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     again = proc.stdout

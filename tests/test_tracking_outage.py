@@ -17,13 +17,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,17 @@ from pipeline.probe import check_tracking
 from pipeline.store import TrackingError
 from pipeline.tracking import StageRun
 
-from .conftest import ROOT, copy_repo, stage_env, write_prepared_shapes
+from .conftest import (
+    ROOT,
+    basic_auth,
+    copy_repo,
+    free_port,
+    stage_env,
+    start_mlflow_server,
+    stop_server,
+    wait_until_up,
+    write_prepared_shapes,
+)
 
 NOWHERE = "http://127.0.0.1:9"  # the server the journals name; its answers are the test's
 
@@ -50,9 +58,7 @@ def no_answer() -> Exception:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(MlflowException) as caught:
         http_request(get_default_host_creds(f"http://127.0.0.1:{port}"), "/api/2.0/mlflow/runs/log-batch", "POST",
                      max_retries=0, backoff_factor=0, backoff_jitter=0, timeout=5)
@@ -267,35 +273,7 @@ TRAIN = [sys.executable, "-m", "stages.train", "--variant", "softmax", "--data",
 def _serve(store: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
     """``mlflow server`` with MLflow's basic-auth app on ``store`` (its runs, accounts and artifacts), on
     ``port``: the same command both times, as an admin restarts it."""
-    (store / "basic_auth.ini").write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{store / 'basic_auth.db'}\nadmin_username = {ACCOUNT[0]}\n"
-        f"admin_password = {ACCOUNT[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    server_env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(store / "basic_auth.ini"),
-                  "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-fixed-secret-for-this-test"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
-           str(store / "mlartifacts"), "--app-name", "basic-auth"]
-    return subprocess.Popen(cmd, cwd=store, env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def _up(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            return
-        except OSError:
-            assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
-            assert time.time() < deadline, f"mlflow server not up after {timeout:.0f} s"
-            time.sleep(0.25)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    return start_mlflow_server(store, port, basic_auth(store, env, ACCOUNT), ("--app-name", "basic-auth"))
 
 
 def _logged(db: Path, key: str) -> int:
@@ -310,9 +288,7 @@ def test_a_tracking_server_restarted_mid_training_gets_every_metric_and_the_mode
     repo.mkdir()
     store.mkdir()
     env = stage_env()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}"
     servers = [_serve(store, port, env)]
     try:
@@ -321,7 +297,7 @@ def test_a_tracking_server_restarted_mid_training_gets_every_metric_and_the_mode
         params["scale"] = "tiny"
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         write_prepared_shapes(repo / "data" / "tiny" / "cifar10", 320, train=256)  # 16 steps, a read-out every 4
-        _up(servers[0], url)
+        wait_until_up(servers[0], url)
         user = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ACCOUNT[0],
                 "MLFLOW_TRACKING_PASSWORD": ACCOUNT[1], "JEM_TRACKING_WAIT": "150"}
         train = subprocess.Popen(TRAIN, cwd=repo, env=user, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -334,7 +310,7 @@ def test_a_tracking_server_restarted_mid_training_gets_every_metric_and_the_mode
             assert train.poll() is None and time.time() < deadline, "".join(out + err)[-4000:]
             time.sleep(0.02)
         train.send_signal(signal.SIGSTOP)  # the server goes between two read-outs, whatever the machine's speed
-        _stop(servers[0])
+        stop_server(servers[0])
         train.send_signal(signal.SIGCONT)
         while not any("does not answer" in line for line in out):
             assert train.poll() is None and time.time() < deadline, "".join(out + err)[-4000:]
@@ -343,7 +319,7 @@ def test_a_tracking_server_restarted_mid_training_gets_every_metric_and_the_mode
         assert train.wait(timeout=300) == 0, "".join(out + err)[-4000:]
     finally:
         for proc in servers:
-            _stop(proc)
+            stop_server(proc)
     text = "".join(out)
     assert text.count("does not answer (") == 1 and text.count("answers again") == 1, text
     assert text.count("View run train@softmax") <= 1, text  # ended once (MLflow prints the link as it ends a run)

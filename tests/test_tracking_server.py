@@ -6,7 +6,6 @@ line before it writes anything."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from pipeline.probe import check_tracking
 from pipeline.store import TrackingError
 
-from .conftest import copy_repo, rest_api, run_ok, stage_env, tracking_server
+from .conftest import basic_auth, copy_repo, free_port, rest_api, run_ok, stage_env, tracking_server
 
 PREPARE = [sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"]
 
@@ -32,9 +31,7 @@ def _clone(dest: Path, **run: str) -> Path:
 
 
 def test_a_tracking_server_that_does_not_answer_stops_the_stage_with_one_line(tmp_path: Path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     repo = _clone(tmp_path / "repo")
     env = {**stage_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
     proc = subprocess.run(PREPARE, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
@@ -64,13 +61,8 @@ def test_a_server_behind_basic_auth_refuses_strangers_and_logs_its_users_runs_fr
     server = tmp_path / "server"
     server.mkdir()
     account = ("lab-admin", "correct horse battery staple")
-    (server / "basic_auth.ini").write_text(
-        "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = sqlite:///{server / 'basic_auth.db'}\nadmin_username = {account[0]}\n"
-        f"admin_password = {account[1]}\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = stage_env()
-    server_env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(server / "basic_auth.ini"),
-                  "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-fixed-secret-for-this-test"}
+    server_env = basic_auth(server, env, account)
     with tracking_server(server, server_env, extra=("--app-name", "basic-auth", "--allowed-hosts",
                                                     "127.0.0.1:*,localhost:*", "--cors-allowed-origins",
                                                     "http://127.0.0.1:5000")) as url:
