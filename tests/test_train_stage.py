@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+from jem.method.gmm import compute_mixture_stats, save_mixture_stats
 from jem.runtime.checkpoint import CheckpointDir
 
-from .conftest import copy_repo, run_ok, stage_env
+from .conftest import copy_repo, run_ok, stage_env, write_prepared_shapes
 
 TRAIN = [sys.executable, "-m", "stages.train", "--variant", "sadajem_k5", "--data", "data/tiny", "--gmm", "gmm/tiny"]
 EPOCHS = 3  # of 16 steps
@@ -41,10 +42,11 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     params["scales"]["tiny"]["variant"]["train"].update(epochs=EPOCHS, checkpoint_every=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env()
-    run_ok([sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"], tmp_path, env)
-    run_ok([sys.executable, "-m", "stages.gmm", "--data", "data/tiny/cifar10", "--out", "gmm/tiny/cifar10"],
-           tmp_path, env)
-    total = EPOCHS * (params["datasets"]["cifar10"]["tiny"]["train"] // 16)
+    train_images = params["datasets"]["cifar10"]["tiny"]["train"]  # the prepared set and its mixture, written here
+    x, y = write_prepared_shapes(tmp_path / "data" / "tiny" / "cifar10", train_images + 64, train=train_images)
+    save_mixture_stats(compute_mixture_stats([(x[:train_images], y[:train_images])], 10),
+                       tmp_path / "gmm" / "tiny" / "cifar10" / "stats.pt")
+    total = EPOCHS * (train_images // 16)
     folder = tmp_path / "checkpoints" / "killed"
 
     killed_at = []
