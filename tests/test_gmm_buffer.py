@@ -168,7 +168,7 @@ def test_gmm_splits_choose_the_images_p0_is_fitted_on(tmp_path):
     from jem.data.datasets import load_split
     from jem.method.gmm import load_mixture_stats
 
-    from .conftest import copy_repo, run_ok, stage_env
+    from .conftest import copy_repo, run_ok, stage_env, write_prepared_shapes
 
     copy_repo(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
@@ -176,7 +176,7 @@ def test_gmm_splits_choose_the_images_p0_is_fitted_on(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env()
     tiny = params["datasets"]["cifar10"]["tiny"]
-    run_ok([sys.executable, "-m", "stages.prepare", "--role", "cifar10", "--out", "data/tiny/cifar10"], tmp_path, env)
+    write_prepared_shapes(tmp_path / "data" / "tiny" / "cifar10", tiny["train"] + tiny["val"], train=tiny["train"])
     gmm = [sys.executable, "-m", "stages.gmm", "--data", "data/tiny/cifar10"]
     run_ok([*gmm, "--out", "gmm/train"], tmp_path, env)
     params["gmm"] = {"splits": ["train", "val"]}
