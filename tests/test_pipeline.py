@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -79,6 +80,8 @@ def test_dvc_repro_runs_every_stage_and_reruns_only_what_changed(tiny_pipeline, 
     assert {"landscape_shared_y.png", "landscape_per_model.png", "robustness_PGD_linf.png"} <= figures
     assert all(f"reliability_{v}.png" in figures and f"learning_curves_{v}.png" in figures for v in variants)
     assert "samples_sadajem_k5_best_px.png" in figures
+    table1 = pd.read_csv(reports / "sadajem_table1.csv")
+    assert not [c for c in table1.columns if c.endswith("diff")]  # the tiny scale: no difference column
     assert (path / "samples" / "tiny" / "sadajem_k5" / "seed1" / "conditional.png").exists()
 
     from mlflow.tracking import MlflowClient
