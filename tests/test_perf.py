@@ -82,13 +82,18 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_data):
     assert (x16 - x32).abs().mean() < 0.05 * moved
 
 
-@pytest.mark.e2e(cost=55)
+@pytest.mark.e2e(cost=35)
 def test_compiled_trunk_matches_eager(tiny_data):
+    """Inductor's generated code (a real compile on this CPU) computes eager's numbers through SADA-JEM's
+    training steps: the sampler's forwards and input gradients, the train-mode passes, the backward. Without
+    SAM, whose second pass only adds graphs of the same layers with frozen statistics (48 s alone instead of
+    34 s); those graphs are captured and checked against eager by the aot_eager test below (sadajem-sam)."""
     from torch._dynamo.utils import counters
 
-    base = _run(SADAJEM, PerfConfig(), tiny_data, steps=2)
+    family = {**SADAJEM, "optim": {"sam": "none"}}
+    base = _run(family, PerfConfig(), tiny_data, steps=2)
     graphs = counters["stats"]["unique_graphs"]
-    fast = _run(SADAJEM, PerfConfig(compile=True), tiny_data, steps=2)
+    fast = _run(family, PerfConfig(compile=True), tiny_data, steps=2)
     if fast.compiled.startswith("compiled"):  # this machine can compile: it did, without falling back
         assert counters["stats"]["unique_graphs"] > graphs and counters["frames"]["ok"] == counters["frames"]["total"]
     else:

@@ -141,9 +141,12 @@ RUN_OUTPUTS = ("models", "checkpoints", "samples", "metrics/tiny/train", "metric
                "metrics/tiny/robustness", "plots/tiny/train", "plots/tiny/eval", "plots/tiny/robustness")
 
 
-def _forget_runs(path: Path, variants: tuple[str, ...], env: dict[str, str]) -> None:
+def _forget_runs(path: Path, variants: tuple[str, ...], env: dict[str, str], scores_cached: bool = False) -> None:
     """``variants`` never trained in this copy: their stages' outputs, dvc.lock entries and entries in
-    DVC's run cache gone (the data stages and the other variants stay done), the change committed."""
+    DVC's run cache gone (the data stages and the other variants stay done), the change committed. With
+    ``scores_cached`` only the trainings' run-cache entries go: the scoring stages (sample, evaluate, fid,
+    robustness) stay in the run cache, as a lab's shared cache keeps them, so once a training reproduces the
+    sequential repro's weights DVC restores its scores instead of computing them again."""
     for folder in RUN_OUTPUTS:
         root = path / folder if folder.count("/") else path / folder / "tiny"
         for v in variants:
@@ -154,7 +157,8 @@ def _forget_runs(path: Path, variants: tuple[str, ...], env: dict[str, str]) -> 
                     p.unlink()
     for entry in (path / ".dvc" / "cache" / "runs").glob("*/*/*"):  # runs/<key>/<outputs>: what DVC can restore
         outs = [Path(o["path"]).parts for o in yaml.safe_load(entry.read_text()).get("outs", [])]
-        if any(v in parts for parts in outs for v in variants):
+        if any(v in parts for parts in outs for v in variants) and (
+                not scores_cached or any(parts[0] == "models" for parts in outs)):  # a training's: models/
             shutil.rmtree(entry.parent)  # the stage's key: DVC expects an entry in every key it lists
     lock = yaml.safe_load((path / "dvc.lock").read_text())
     lock["stages"] = {k: v for k, v in lock["stages"].items()
@@ -185,20 +189,23 @@ def _table_run(output: str) -> str:
 
 @pytest.mark.e2e(cost=105)
 def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(tiny_pipeline, repo):
-    """`python -m stages.table --workers 2` in a copy whose runs were never trained: both train at once,
-    and the longer one is killed once it has written a checkpoint. One line names its variant and log;
-    the other's results are kept. The same command again (with --push to a remote that does not answer)
-    resumes the killed one from its checkpoint, does not retrain the finished one, runs the evaluations
-    and the report, and says in one line what was not pushed; a later --push sends it all. The weights and
-    metrics are the sequential `dvc repro`'s (the shared pipeline's), every stage is in dvc.lock,
-    `dvc status` is clean, and each call's MLflow runs carry its table run."""
+    """`python -m stages.table --workers 2` in a copy whose runs were never trained (their scores still in
+    the run cache, as a lab's shared cache keeps them): both train at once, and the longer one is killed
+    once it has written a checkpoint. One line names its variant and log; the other's results are kept,
+    its scores restored from the run cache once its weights are the sequential repro's. The same command
+    again (with --push to a remote that does not answer) resumes the killed one from its checkpoint, does
+    not retrain the finished one, restores the resumed run's scores, runs the report, and says in one line
+    what was not pushed; a later --push sends it all. The weights and metrics are the sequential `dvc
+    repro`'s (the shared pipeline's), every stage is in dvc.lock, `dvc status` is clean, and each call's
+    MLflow runs carry its table run. (The scoring stages run under the table runner's workers in
+    test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run's queue and in the shared build.)"""
 
     import torch
 
     work, env = repo
     sequential = tiny_pipeline.path
     dvc = [sys.executable, "-m", "dvc"]
-    _forget_runs(work, V, env)
+    _forget_runs(work, V, env, scores_cached=True)
     table = [sys.executable, "-m", "stages.table", "--workers", "2"]  # torch's own threads, as the sequential repro
     proc = subprocess.Popen(table, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = work / "checkpoints" / "tiny" / "sadajem_k5" / "seed1"
@@ -231,6 +238,10 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     logs = work / "logs" / "tiny" / second_id
     assert "Running stage" not in (logs / "train@softmax-1.log").read_text()  # finished: not retrained
     assert "resumed from checkpoints/tiny/sadajem_k5/seed1/step-" in (logs / "train@sadajem_k5-1.log").read_text()
+    for call, run in ((first_id, "softmax-1"), (second_id, "sadajem_k5-1")):  # each trained run's scores: restored
+        scored = (work / "logs" / "tiny" / call / f"evaluation@{run}.log").read_text()
+        assert not _ran(scored) and all(f"Stage '{s}@{run}' is cached - skipping run" in scored
+                                        for s in PER_VARIANT[1:]), scored
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
     remote = work.parent / "remote"  # the remote answers again (here: moved to a folder); a later --push sends all
     run_ok([*dvc, "remote", "modify", "lab", "url", str(remote)], work, env)
@@ -253,8 +264,8 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     runs = [r for r in client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id],
                                           max_results=1000) if "table_run" in r.data.tags]
     by_call = {i: sorted(r.info.run_name for r in runs if r.data.tags["table_run"] == i) for i in (first_id, second_id)}
-    assert set(by_call[first_id]) == {"train@sadajem_k5-1"} | {f"{s}@softmax-1" for s in PER_VARIANT}, by_call
-    assert by_call[second_id] == sorted({f"{s}@sadajem_k5-1" for s in PER_VARIANT} | {"report"}), by_call
+    assert by_call[first_id] == ["train@sadajem_k5-1", "train@softmax-1"], by_call  # scores restored: no run
+    assert by_call[second_id] == ["report", "train@sadajem_k5-1"], by_call
     assert len(runs) == sum(map(len, by_call.values()))  # parallel writers lost no run, none untagged
     assert all(r.info.status == "FINISHED" for r in runs if r.info.run_name != "train@sadajem_k5-1"
                or r.data.tags["table_run"] == second_id)
@@ -266,10 +277,11 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     """README "A table over several machines": `examples/slurm/submit_table.sh` (sbatch stood in for by
     tests/fake_sbatch.py, which runs each job at once and an array's tasks side by side) submits the shared
     stages, one array task per run, each in its own clone, and the report. The origin is the shared
-    pipeline with softmax never trained, pushed to the remote with its run cache: the shared job restores
-    the shared stages and computes none; softmax's task restores them and trains and evaluates only its
-    run; sadajem_k5's task restores its run and computes nothing; the assembly restores every stage and
-    runs only the report; its weights and metrics are the sequential repro's."""
+    pipeline with softmax never trained (its scores still in the run cache), pushed to the remote with its
+    run cache: the shared job restores the shared stages and computes none; softmax's task restores them,
+    trains only its run and restores its scores once the weights are the sequential repro's; sadajem_k5's
+    task restores its run and computes nothing; the assembly restores every stage and runs only the
+    report; its weights and metrics are the sequential repro's."""
 
     import torch
     from mlflow.tracking import MlflowClient
@@ -278,14 +290,15 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     sequential = tiny_pipeline.path
     dvc = [sys.executable, "-m", "dvc"]
     remote, bin_dir = tmp_path / "dvc-remote", tmp_path / "bin"
-    _forget_runs(origin, ("softmax",), env)
     params = yaml.safe_load((origin / "params.yaml").read_text())
     params["tables"]["pair"] = list(params["variants"])  # softmax, sadajem_k5
     (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in ([*dvc, "remote", "add", "-d", "shared", str(remote)], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "the table and the shared remote"],
-                [*dvc, "push", "--run-cache"]):  # the shared stages and sadajem_k5's run go to the remote
+    # every output to the remote (softmax's scores among them: `dvc push --run-cache` sends the outputs of the
+    # stages in dvc.lock, not of run-cache entries alone), then softmax forgotten but its scores' run cache kept
+    for cmd in ([*dvc, "remote", "add", "-d", "shared", str(remote)], [*dvc, "push"]):
         run_ok(cmd, origin, env)
+    _forget_runs(origin, ("softmax",), env, scores_cached=True)  # commits the table and the remote too
+    run_ok([*dvc, "push", "--run-cache"], origin, env)  # run cache: the shared stages, sadajem_k5, softmax's scores
     bin_dir.mkdir()
     fake = Path(__file__).parent / "fake_sbatch.py"
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\nexec {sys.executable} {fake} "$@"\n')
@@ -314,11 +327,13 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
         tasks[variant] = {s for log in (work / "logs" / "tiny" / run_id).glob("*.log") for s in _ran(log.read_text())}
         ours = _state(work, variant)  # computed or restored: in the task's clone either way
         assert all(torch.equal(ours["model"][k], t) for k, t in _state(sequential, variant)["model"].items())
-    # the untrained run: trained and evaluated in its own task, nothing shared or of another run computed
-    assert {f"{s}@softmax-1" for s in PER_VARIANT} == tasks["softmax"], tasks
+    # the untrained run: trained in its own task, nothing shared or of another run computed, its scores restored
+    assert tasks["softmax"] == {"train@softmax-1"}, tasks
+    scored = (origin / ".slurm" / "pair" / "0" / "logs" / "tiny" / run_id / "evaluation@softmax-1.log").read_text()
+    assert all(f"Stage '{s}@softmax-1' is cached - skipping run" in scored for s in PER_VARIANT[1:]), scored
     client = MlflowClient(tracking_uri=f"sqlite:///{origin / '.slurm' / 'pair' / '0' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id], f"tags.table_run = '{run_id}'")
-    assert {r.info.run_name for r in runs} == {f"{s}@softmax-1" for s in PER_VARIANT}
+    assert {r.info.run_name for r in runs} == {"train@softmax-1"}
     assert not tasks["sadajem_k5"], tasks  # in the remote already: restored, nothing run again
 
     logs = origin / "logs" / "tiny" / run_id

@@ -19,7 +19,7 @@ from jem.runtime.checkpoint import CheckpointDir
 from .conftest import copy_repo, run_ok, stage_env, write_prepared_shapes
 
 TRAIN = [sys.executable, "-m", "stages.train", "--variant", "sadajem_k5", "--data", "data/tiny", "--gmm", "gmm/tiny"]
-EPOCHS = 3  # of 16 steps
+EPOCHS = 2  # of 16 steps
 KILL_AFTER = (5, 21)  # kill once the newest checkpoint is at least this step: mid-epoch, then past an epoch end
 # (the second kill hits a run that had resumed; tests/test_session.py checks an in-process resume bit for bit)
 
