@@ -197,8 +197,8 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     not retrain the finished one, restores the resumed run's scores, runs the report, and says in one line
     what was not pushed; a later --push sends it all. The weights and metrics are the sequential `dvc
     repro`'s (the shared pipeline's), every stage is in dvc.lock, `dvc status` is clean, and each call's
-    MLflow runs carry its table run. (The scoring stages run under the table runner's workers in
-    test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run's queue and in the shared build.)"""
+    MLflow runs carry its table run. (Scoring stages computed by two workers writing one mlflow.db:
+    test_queued_experiments_run_two_at_a_time_and_lose_no_mlflow_run; computed in turn: the shared build.)"""
 
     import torch
 
