@@ -182,6 +182,11 @@ def _kill(work: Path, command: str) -> bool:
     return killed
 
 
+def _scores_restored(log: str, run: str) -> bool:
+    """Whether a table task's log shows DVC restoring every scoring stage of ``run`` from its run cache."""
+    return all(f"Stage '{s}@{run}' is cached - skipping run" in log for s in PER_VARIANT[1:])
+
+
 def _table_run(output: str) -> str:
     """The table run a `stages.table` call names in its first "[table] <id>: ..." line."""
     return output.split("[table] ", 1)[1].split(":", 1)[0]
@@ -240,8 +245,7 @@ def test_a_table_trains_its_variants_two_at_a_time_as_a_sequential_repro_would(t
     assert "resumed from checkpoints/tiny/sadajem_k5/seed1/step-" in (logs / "train@sadajem_k5-1.log").read_text()
     for call, run in ((first_id, "softmax-1"), (second_id, "sadajem_k5-1")):  # each trained run's scores: restored
         scored = (work / "logs" / "tiny" / call / f"evaluation@{run}.log").read_text()
-        assert not _ran(scored) and all(f"Stage '{s}@{run}' is cached - skipping run" in scored
-                                        for s in PER_VARIANT[1:]), scored
+        assert not _ran(scored) and _scores_restored(scored, run), scored
     assert "Data and pipelines are up to date" in run_ok([*dvc, "status"], work, env)
     remote = work.parent / "remote"  # the remote answers again (here: moved to a folder); a later --push sends all
     run_ok([*dvc, "remote", "modify", "lab", "url", str(remote)], work, env)
@@ -330,7 +334,7 @@ def test_a_table_split_over_slurm_jobs_is_assembled_from_their_run_cache_without
     # the untrained run: trained in its own task, nothing shared or of another run computed, its scores restored
     assert tasks["softmax"] == {"train@softmax-1"}, tasks
     scored = (origin / ".slurm" / "pair" / "0" / "logs" / "tiny" / run_id / "evaluation@softmax-1.log").read_text()
-    assert all(f"Stage '{s}@softmax-1' is cached - skipping run" in scored for s in PER_VARIANT[1:]), scored
+    assert _scores_restored(scored, "softmax-1"), scored
     client = MlflowClient(tracking_uri=f"sqlite:///{origin / '.slurm' / 'pair' / '0' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("jem-tiny").experiment_id], f"tags.table_run = '{run_id}'")
     assert {r.info.run_name for r in runs} == {"train@softmax-1"}

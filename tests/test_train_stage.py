@@ -42,8 +42,9 @@ def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(tmp_pa
     params["scales"]["tiny"]["variant"]["train"].update(epochs=EPOCHS, checkpoint_every=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = stage_env()
-    train_images = params["datasets"]["cifar10"]["tiny"]["train"]  # the prepared set and its mixture, written here
-    x, y = write_prepared_shapes(tmp_path / "data" / "tiny" / "cifar10", train_images + 64, train=train_images)
+    tiny = params["datasets"]["cifar10"]["tiny"]  # the prepared set and its mixture, written here
+    train_images = tiny["train"]
+    x, y = write_prepared_shapes(tmp_path / "data" / "tiny" / "cifar10", train_images + tiny["val"], train=train_images)
     save_mixture_stats(compute_mixture_stats([(x[:train_images], y[:train_images])], 10),
                        tmp_path / "gmm" / "tiny" / "cifar10" / "stats.pt")
     total = EPOCHS * (train_images // 16)
