@@ -125,11 +125,11 @@ class GaussianMixture:
         self.jitter = jitter
         self.priors = stats.priors.float().to(device)
         self.means = stats.means.to(device)
-        dim = stats.means.shape[1]
-        eye = torch.eye(dim, dtype=torch.float64)
         factors = torch.empty(stats.covs.shape, dtype=torch.float32)
         for c in range(self.num_classes):  # float64 factorisation, one class at a time
-            factor, info = torch.linalg.cholesky_ex(stats.covs[c].double() + jitter * eye)
+            cov = stats.covs[c].double()  # a copy: the jitter goes on its diagonal in place
+            cov.diagonal().add_(jitter)
+            factor, info = torch.linalg.cholesky_ex(cov)
             if int(info) != 0:
                 raise InputError(f"class {c}: covariance + {jitter} I is not positive definite; "
                                  "raise buffer.gmm_jitter")
