@@ -11,16 +11,14 @@ stage needs.
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
+from pipeline.forkserver import finish
 from pipeline.probe import check_tracking
 from pipeline.tracking import mark, warm_up
 
@@ -104,18 +102,9 @@ def exit_done() -> NoReturn:
 
     Everything a normal exit does for the stage's results still happens, in the same order: the
     threads that are not daemons are joined, the exit handlers run (MLflow's, logging's flush, the
-    JEM_TIMING_LOG line) and the standard streams are flushed. What is skipped is freeing every
-    module's objects one by one, which with torch, MLflow and SQLAlchemy loaded takes 1-2 s of CPU per
-    stage process on 2 cores: paid by each of the demo's 33 stages and by every stage process the test
-    suite starts, for nothing a stage writes."""
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing left to say there
-            pass
-    os._exit(0)
+    JEM_TIMING_LOG line) and the standard streams are flushed (``pipeline.forkserver.finish``). What is
+    skipped is freeing every module's objects one by one, which with torch, MLflow and SQLAlchemy loaded
+    takes 1-2 s of CPU per stage process on 2 cores: paid by each of the demo's 33 stages and by every
+    stage process the test suite starts, for nothing a stage writes."""
+    finish(0)
+    raise AssertionError("unreachable: finish(0) ends the process")

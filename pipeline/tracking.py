@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import journal
+from pipeline.forkserver import process_age
 from pipeline.probe import damaged, sqlite_damage
 from pipeline.store import TrackingError, quiet_mlflow, restore_env, say, tracking_root, tracking_uri
 
@@ -62,16 +63,11 @@ _timing: dict[str, Any] = {}
 
 
 def process_seconds() -> float | None:
-    """Seconds since this process started, by the operating system's record of its start (so the
-    interpreter's own start-up and every import count); None where the system does not say."""
-    try:
-        with open("/proc/self/stat") as fh:  # Linux: start time in clock ticks after boot (field 22)
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
+    """Seconds since this process started (``pipeline.forkserver.process_age``: for a stage run in a fork
+    of the server, since the process DVC started); None where the system does not say."""
+    seconds = process_age()
+    if seconds is not None:
+        return seconds
     try:
         import psutil
 
