@@ -262,9 +262,11 @@ def _monitor(conn: socket.socket, base_path: list[str]) -> NoReturn:
     """One stage: fork the worker, pass signals on, kill it if the caller goes, report how it ended."""
     try:
         request, fds = _receive(conn)
+        monitor = os.getpid()
         worker = os.fork()
         if worker == 0:
             conn.close()
+            _die_with(monitor)
             _work(request, fds, base_path)
         for fd in fds:
             os.close(fd)
@@ -299,6 +301,17 @@ def _monitor(conn: socket.socket, base_path: list[str]) -> NoReturn:
             conn.sendall((f"signal {-code}\n" if code < 0 else f"exit {code}\n").encode())
     finally:
         os._exit(0)
+
+
+def _die_with(parent: int) -> None:
+    """Have Linux kill this process (SIGKILL) when ``parent``, its monitor, ends: a stage never outlives
+    the process that reports it to its caller."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
 
 
 def _has_ended(pid: int) -> bool:
