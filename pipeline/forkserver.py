@@ -261,6 +261,7 @@ def _same_user(conn: socket.socket) -> bool:
 def _monitor(conn: socket.socket, base_path: list[str]) -> NoReturn:
     """One stage: fork the worker, pass signals on, kill it if the caller goes, report how it ended."""
     try:
+        conn.settimeout(None)  # blocking, whatever the listener's timeout
         request, fds = _receive(conn)
         monitor = os.getpid()
         worker = os.fork()

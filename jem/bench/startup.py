@@ -6,7 +6,8 @@
     jem-bench --startup --timing-log timing.jsonl   # ... and tabulate it
 
 Every stage process records (``pipeline.tracking.mark``) the seconds from its start (interpreter and
-imports included, by the operating system's record of the start) to ``main`` (its entry point's
+imports included, by the operating system's record of the start; for a stage the fork server runs, the
+start of the process DVC started, ``pipeline.forkserver``) to ``main`` (its entry point's
 function is called: imports done), to ``work`` (params.yaml read and checked: its first line of
 work, while MLflow loads in the background), to ``run`` (its MLflow run is open) and to its exit;
 with ``JEM_TIMING_LOG`` set it appends them as one JSON line. DVC runs
