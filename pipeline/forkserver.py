@@ -11,7 +11,8 @@ that has imported those packages once, and forks a copy of itself for each stage
   environment (a Unix socket in ``<runtime dir>/jem-stages-<uid>/``, the folder the user's alone),
   sends its arguments, working directory, environment and umask, and its standard streams themselves
   (the descriptors, so the stage writes where DVC reads); passes on the signals it gets (Ctrl-C,
-  SIGTERM, ...); and ends the way the stage ended: its exit status, or killed by its signal.
+  SIGTERM, ...; Ctrl-Z stops the stage with it, ``fg`` resumes both); and ends the way the stage ended:
+  its exit status, or killed by its signal.
 - The server, started in the background by the first stage that finds none (that stage runs as a
   plain process meanwhile), imports ``PRELOAD`` and nothing of this project, then for each stage forks
   a *monitor*, which forks the *worker*. The worker takes the caller's streams, directory,
@@ -102,6 +103,13 @@ def handoff() -> None:
             return
         for signum in FORWARDED:
             signal.signal(signum, lambda n, _frame: _tell(conn, f"signal {n}\n"))
+
+        def suspend(_n: int, _frame: Any) -> None:  # Ctrl-Z: the stage stops too (SIGSTOP: its process group
+            _tell(conn, f"signal {int(signal.SIGSTOP)}\n")  # is the server's, where the kernel drops SIGTSTP)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+        signal.signal(signal.SIGTSTP, suspend)
+        signal.signal(signal.SIGCONT, lambda _n, _frame: _tell(conn, f"signal {int(signal.SIGCONT)}\n"))
         line = reader.readline()
     _end_like(line)
 

@@ -147,6 +147,11 @@ def test_signals_reach_the_stage_and_a_killed_caller_takes_it_along(checkout: tu
             time.sleep(0.05)
         worker = json.loads(out.read_text())["pid"]
         assert worker != proc.pid  # a fork of the server
+        if sent == signal.SIGTERM:  # Ctrl-Z stops the stage with its caller; fg (SIGCONT) resumes both
+            proc.send_signal(signal.SIGTSTP)
+            _until_stopped((worker, proc.pid), True, "Ctrl-Z did not stop both")
+            proc.send_signal(signal.SIGCONT)
+            _until_stopped((worker, proc.pid), False, "SIGCONT did not resume both")
         proc.send_signal(sent)
         code = proc.wait(timeout=30)
         deadline = time.time() + 10
@@ -157,6 +162,14 @@ def test_signals_reach_the_stage_and_a_killed_caller_takes_it_along(checkout: tu
             assert Path(f"{out}.term").exists() and code == 7
         else:
             assert code == -signal.SIGKILL
+
+
+def _until_stopped(pids: tuple[int, ...], stopped: bool, failure: str) -> None:
+    """Until every one of ``pids`` is stopped (state T), or none is."""
+    deadline = time.time() + 10
+    while any((_state(pid) == "T") != stopped for pid in pids):
+        assert time.time() < deadline, failure
+        time.sleep(0.05)
 
 
 def _state(pid: int) -> str:
