@@ -42,6 +42,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -131,10 +132,10 @@ def _runtime_dir() -> Path | None:
     folder = Path(base) / f"jem-stages-{os.getuid()}"
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.lstat()
+        info = folder.lstat()  # the folder itself, not what a symbolic link there points to
     except OSError:
         return None
-    if info.st_uid != os.getuid() or info.st_mode & 0o077 or not Path(folder).is_dir() or folder.is_symlink():
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     return folder
 
@@ -228,7 +229,7 @@ def serve(path: str) -> None:
         idle_since = time.monotonic()
         try:
             while live or time.monotonic() - idle_since < IDLE_S:
-                live, idle_since = _reap(live, idle_since)
+                idle_since = _reap(live, idle_since)
                 try:
                     conn, _ = listener.accept()
                 except TimeoutError:
@@ -249,7 +250,8 @@ def serve(path: str) -> None:
             listener.close()
 
 
-def _reap(live: set[int], idle_since: float) -> tuple[set[int], float]:
+def _reap(live: set[int], idle_since: float) -> float:
+    """Drop the monitors that have ended from ``live``; returns when the server last became idle."""
     for pid in list(live):
         with contextlib.suppress(ChildProcessError):
             done, _ = os.waitpid(pid, os.WNOHANG)
@@ -257,7 +259,7 @@ def _reap(live: set[int], idle_since: float) -> tuple[set[int], float]:
                 continue
         live.discard(pid)
         idle_since = time.monotonic()
-    return live, idle_since
+    return idle_since
 
 
 def _same_user(conn: socket.socket) -> bool:
